@@ -12,10 +12,12 @@ Sections, in the order the pipeline needs them:
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import os
 import random
 import re
+import shutil
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -539,7 +541,7 @@ def encode_frames(
     out = torch.empty(len(frames), V.embed_dim)
     starts = range(0, len(frames), batch_size)
     for i in tqdm(starts, desc="encode frames", disable=len(starts) < 20 or not is_main()):
-        x = torch.as_tensor(np.ascontiguousarray(frames[i : i + batch_size]))
+        x = torch.as_tensor(np.array(frames[i : i + batch_size]))  # a writable copy
         x = x.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             out[i : i + len(x)] = V(normalize_frames(x)).float().cpu()
@@ -594,8 +596,6 @@ def embedded_lm_path() -> Path:
                 raise
     finally:
         if tmp.exists():
-            import shutil
-
             shutil.rmtree(tmp)
     return final
 
@@ -611,6 +611,7 @@ def load_lm(
     `name_or_path`: "gemma3-270m" (the embedded default), a Hugging Face id (google/gemma-2-2b
     for the paper) or a local folder. dtype defaults to bf16 on CUDA and float32 on the CPU.
     L is frozen (requires_grad_(False)) and in eval mode: only g (and V) are trained.
+    Architectures without SDPA in transformers (Gemma 2) fall back to eager attention.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -619,79 +620,108 @@ def load_lm(
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     path = embedded_lm_path() if name_or_path == EMBEDDED_LM else name_or_path
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, attn_implementation=attn_implementation
-    )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, attn_implementation=attn_implementation
+        )
+    except ValueError as e:  # Gemma 2: transformers has no SDPA for its soft-capped attention
+        if attn_implementation != "sdpa" or "scaled_dot_product_attention" not in str(e):
+            raise
+        print(f"load_lm: {name_or_path} has no SDPA attention in transformers; using eager")
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="eager")
     model.requires_grad_(False).eval()
     return model.to(device), tokenizer
+
+
+def _softmax_xent(
+    logits: torch.Tensor, targets: torch.Tensor, softcap: float | None, need_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-row NLL of `targets` under softmax(z), z = c·tanh(logits / c) with Gemma 2's final-logit
+    soft-capping c (z = logits without), and, if `need_grad`, d NLL / d logits in logits' dtype."""
+    z = logits.float()
+    if softcap:
+        tanh = torch.tanh(z / softcap)
+        z = tanh * softcap
+    lse = torch.logsumexp(z, dim=-1)
+    nll = lse - z.gather(1, targets[:, None]).squeeze(1)
+    if not need_grad:
+        return nll, None
+    onehot = torch.arange(z.shape[1], device=z.device) == targets[:, None]
+    grad = torch.exp(z - lse[:, None]) - onehot.float()
+    if softcap:
+        grad = grad * (1.0 - tanh * tanh)
+    return nll, grad.to(logits.dtype)
+
+
+@functools.cache
+def _compiled_softmax_xent():
+    """_softmax_xent as one fused kernel per pass over the logits (torch.compile)."""
+    return torch.compile(_softmax_xent)
 
 
 class _FrozenHeadCrossEntropy(torch.autograd.Function):
     """Next-token NLL through L's frozen output head, chunk by chunk, never holding [N, vocab].
 
-    The gradient w.r.t. the hidden states is computed in the forward pass, chunk by chunk, while
-    each chunk's logits exist (the head is frozen, so nothing else needs them): two matmuls per
-    chunk instead of three with recomputation. Gemma 2's final-logit soft-capping
-    z = c·tanh(l / c) is applied as L's own forward does.
+    The gradient w.r.t. the hidden states is formed in the forward pass while each chunk's
+    logits exist (the head is frozen, so nothing else needs them): two matmuls per chunk, no
+    recomputation, and only [N, D] kept for the backward.
     """
 
     @staticmethod
-    def forward(ctx, h, weight, bias, targets, softcap, chunk, need_grad):
+    def forward(ctx, h, weight, bias, targets, softcap, chunk, need_grad, compiled):
+        xent = _compiled_softmax_xent() if compiled else _softmax_xent
         nll = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
         grad = torch.empty_like(h) if need_grad else None
         for s in range(0, h.shape[0], chunk):
-            e = min(s + chunk, h.shape[0])
-            t = targets[s:e]
-            logits = torch.nn.functional.linear(h[s:e].to(weight.dtype), weight, bias).float()
-            if softcap:
-                tanh = logits.div_(softcap).tanh_()
-                logits = tanh * softcap
-            lse = torch.logsumexp(logits, dim=-1)
-            nll[s:e] = lse - logits.gather(1, t[:, None]).squeeze(1)
+            logits = torch.nn.functional.linear(h[s : s + chunk].to(weight.dtype), weight, bias)
+            nll[s : s + chunk], dlogits = xent(logits, targets[s : s + chunk], softcap, need_grad)
             if need_grad:
-                p = logits.sub_(lse[:, None]).exp_()  # softmax, in place
-                p[torch.arange(e - s, device=p.device), t] -= 1.0
-                if softcap:
-                    p.mul_(1.0 - tanh.square_())
-                grad[s:e] = (p.to(weight.dtype) @ weight).to(h.dtype)
+                grad[s : s + chunk] = dlogits @ weight
         ctx.save_for_backward(grad)
         return nll
 
     @staticmethod
     def backward(ctx, grad_nll):
         (grad,) = ctx.saved_tensors
-        return grad * grad_nll[:, None].to(grad.dtype), None, None, None, None, None, None
+        return grad * grad_nll[:, None].to(grad.dtype), None, None, None, None, None, None, None
 
 
 def frozen_head_nll(
-    h: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor, softcap: float | None = None
+    h: torch.Tensor,
+    head: torch.nn.Linear,
+    targets: torch.Tensor,
+    softcap: float | None = None,
+    compiled: bool = False,
 ) -> torch.Tensor:
     """Per-row NLL of `targets` [N] under `head(h)` for hidden states h [N, D] (float32 [N]).
 
     Rows go through the head in chunks of at most 2^28 logits; differentiable w.r.t. h only.
+    `compiled` fuses the softmax/cross-entropy passes over each chunk's logits (GPU training).
     """
     chunk = max(1, 2**28 // head.weight.shape[0])
     need_grad = torch.is_grad_enabled() and h.requires_grad
     return _FrozenHeadCrossEntropy.apply(
-        h, head.weight, head.bias, targets, softcap, chunk, need_grad
+        h, head.weight, head.bias, targets, softcap, chunk, need_grad, compiled
     )
 
 
-def token_nll(model, batch: SocialBatch) -> torch.Tensor:
+def token_nll(model, batch: SocialBatch, compiled: bool = False) -> torch.Tensor:
     """NLL of every scored token of an `insert_social_tokens` batch under L, float32 [n_scored].
 
     L runs on `inputs_embeds`; only the positions that predict a scored token go through the
     256k-wide output head (`frozen_head_nll`), so the [B, T, vocab] logits never exist.
-    Row i belongs to sequence `batch.loss_row[i]`.
+    Row i belongs to sequence `batch.loss_row[i]`. `compiled`: see frozen_head_nll.
     """
     hidden = model.get_decoder()(
         inputs_embeds=batch.inputs_embeds,
         attention_mask=batch.attention_mask,
         position_ids=batch.position_ids,
+        use_cache=False,  # no KV cache to fill (and none to break torch.compile's graphs)
     ).last_hidden_state
     h = hidden.flatten(0, 1).index_select(0, batch.loss_pos)
     softcap = getattr(model.config, "final_logit_softcapping", None)
-    return frozen_head_nll(h, model.get_output_embeddings(), batch.loss_targets, softcap)
+    head = model.get_output_embeddings()
+    return frozen_head_nll(h, head, batch.loss_targets, softcap, compiled)
 
 
 # --------------------------------------------------------------------------------------------
@@ -793,6 +823,8 @@ def tokenize_utterance(
     tokens too. With `max_len` the sequence, social tokens included (--inject full), is cut to
     fit: whole context turns go first, from the oldest; then the utterance loses its tail.
     """
+    if max_len is not None and max_len < 2:
+        raise ValueError(f"max_len must leave room for BOS and a token, got {max_len}")
     turns = [*context, utt]
     for start in range(len(turns)):
         item = _tokenize_turns(tokenizer, turns[start:])
@@ -801,24 +833,32 @@ def tokenize_utterance(
     return _truncate(item, max_len)
 
 
+def content_words(utt: dict) -> list[tuple[int, int, float]]:
+    """(char_start, char_end, t_sec) of the utterance's content words; a span outside the text
+    is an error naming the clip, turn and word."""
+    n, out = len(utt["text"]), []
+    for i, w in enumerate(utt.get("words", [])):
+        if not w.get("content"):
+            continue
+        a, b = int(w["char_start"]), int(w["char_end"])
+        if not 0 <= a < b <= n:
+            raise ValueError(
+                f"{_where(utt)}: word {i} {w.get('text')!r} has char span [{a}, {b}), "
+                f"expected 0 <= char_start < char_end <= {n} (the text's length)"
+            )
+        out.append((a, b, float(w["t_sec"])))
+    return out
+
+
 def _tokenize_turns(tokenizer, turns: Sequence[dict]) -> TokenizedUtterance:
     text, bases, cs, ce, times = "", [], [], [], []
     for turn in turns:
         text += "\n" if bases else ""
         bases.append(len(text))
-        n = len(turn["text"])
-        for i, w in enumerate(turn.get("words", [])):
-            if not w.get("content"):
-                continue
-            a, b = int(w["char_start"]), int(w["char_end"])
-            if not 0 <= a < b <= n:
-                raise ValueError(
-                    f"{_where(turn)}: word {i} {w.get('text')!r} has char span [{a}, {b}), "
-                    f"expected 0 <= char_start < char_end <= {n} (the text's length)"
-                )
+        for a, b, t in content_words(turn):
             cs.append(bases[-1] + a)
             ce.append(bases[-1] + b)
-            times.append(float(w["t_sec"]))
+            times.append(t)
         text += turn["text"]
     enc = tokenizer(text, return_offsets_mapping=True)
     ids = np.asarray(enc["input_ids"], dtype=np.int64)
@@ -864,6 +904,42 @@ def _truncate(item: TokenizedUtterance, max_len: int) -> TokenizedUtterance:
     return TokenizedUtterance(ids, score_from, item.t_p[:w], item.word_t[:w], item.clip_id)
 
 
+def tokenize_split(
+    utts: Sequence[dict],
+    tokenizer,
+    clip_index: dict[str, tuple[np.ndarray, np.ndarray]],
+    task: str = "utterance",
+    context_turns: int = 0,
+    max_len: int | None = None,
+) -> tuple[list[TokenizedUtterance], list[dict]]:
+    """Tokenize a split's utterances as L sees them in training and evaluation, in clip and turn
+    order: `task` "next-utterance" reads up to `context_turns` previous turns of the clip first.
+    Returns (items, skipped): what was left out, with its clip, turn and reason."""
+    by_clip: dict[str, list[dict]] = {}
+    for u in utts:
+        by_clip.setdefault(u["clip_id"], []).append(u)
+    items, skipped = [], []
+    for clip_id in sorted(by_clip):
+        turns = []  # the clip's well-formed turns: a bad one is neither scored nor read
+        for u in sorted(by_clip[clip_id], key=lambda u: u.get("turn", 0)):
+            try:
+                content_words(u)
+                turns.append(u)
+            except ValueError as e:
+                skipped.append({"clip_id": clip_id, "turn": u.get("turn"), "reason": str(e)})
+        for i, u in enumerate(turns):
+            where = {"clip_id": clip_id, "turn": u.get("turn")}
+            context = turns[max(0, i - context_turns) : i] if task == "next-utterance" else []
+            item = tokenize_utterance(tokenizer, u, context, max_len)
+            if item.score_from >= len(item.input_ids):
+                skipped.append({**where, "reason": "no text token to score"})
+            elif len(item.t_p) and clip_id not in clip_index:
+                skipped.append({**where, "reason": "clip has no frames in manifest.csv"})
+            else:
+                items.append(item)
+    return items, skipped
+
+
 def word_frames(
     item: TokenizedUtterance,
     clip_index: dict[str, tuple[np.ndarray, np.ndarray]],
@@ -874,6 +950,8 @@ def word_frames(
     `clip_id` defaults to the item's own clip; another clip's id gives the `shuffled` control.
     """
     clip_id = item.clip_id if clip_id is None else clip_id
+    if len(item.word_t) == 0:
+        return np.zeros(0, dtype=np.int64)
     if clip_id not in clip_index:
         raise KeyError(f"clip {clip_id!r} has no frames in the manifest")
     rows, times = clip_index[clip_id]

@@ -1,0 +1,139 @@
+"""Throughput of evaluate.py's perplexity loop: utterances/s over all six conditions.
+
+Times `evaluate.run_ppl` (insert_social_tokens + L's forward + the chunked NLL of the scored
+tokens, per condition) on random utterances with content words, with an L of random weights
+shaped like the embedded Gemma 3 270M or like Gemma-2-2B (the paper's L): only the times mean
+anything. bf16 on CUDA.
+
+  python bench/bench_eval.py                                  # CPU, tiny shape
+  python bench/bench_eval.py --shape gemma-2-2b --device cuda --utterances 2048 --batch-size 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import common  # noqa: E402
+import evaluate as ev  # noqa: E402
+
+SHAPES = {  # decoder shapes; the vocabulary matters: the output head dominates short sequences
+    "tiny": dict(
+        family="gemma3", vocab_size=1024, hidden_size=64, intermediate_size=128,
+        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+        sliding_window=64,
+    ),
+    "gemma3-270m": dict(
+        family="gemma3", vocab_size=262144, hidden_size=640, intermediate_size=2048,
+        num_hidden_layers=18, num_attention_heads=4, num_key_value_heads=1, head_dim=256,
+        sliding_window=512,
+    ),
+    "gemma-2-2b": dict(
+        family="gemma2", vocab_size=256000, hidden_size=2304, intermediate_size=9216,
+        num_hidden_layers=26, num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+        sliding_window=4096, final_logit_softcapping=30.0, attn_logit_softcapping=50.0,
+    ),
+}  # fmt: skip
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("bench_eval.py", description=__doc__)
+    p.add_argument("--shape", default="tiny", choices=sorted(SHAPES), help="L's shape (random)")
+    p.add_argument("--utterances", type=int, default=128, help="utterances timed")
+    p.add_argument("--length", type=int, default=32, help="mean text tokens per utterance")
+    p.add_argument("--words", type=int, default=4, help="content words per utterance")
+    p.add_argument("--batch-size", type=int, default=16, help="utterances per forward")
+    p.add_argument("--clips", type=int, default=16, help="clips the utterances come from")
+    p.add_argument("--cls-dim", type=int, default=384, help="width of V's [CLS] (ViT-S: 384)")
+    p.add_argument("--conditions", default=",".join(ev.CONDITIONS), help="conditions timed")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random data and weights")
+    p.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        choices=("cpu", "cuda"),
+        help="bf16 autocast on cuda",
+    )
+    return p
+
+
+def random_lm(shape: str, device: torch.device) -> torch.nn.Module:
+    """L with random weights, frozen, bf16 on CUDA."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig
+
+    cfg = dict(SHAPES[shape])
+    family = cfg.pop("family")
+    config_cls, model_cls = {
+        "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM),
+        "gemma2": (Gemma2Config, Gemma2ForCausalLM),
+    }[family]
+    # transformers runs Gemma 2 (soft-capped attention logits) only with eager attention
+    attn = "eager" if family == "gemma2" else "sdpa"
+    config = config_cls(**cfg, max_position_embeddings=8192, attn_implementation=attn)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    with torch.device(device):
+        L = model_cls(config).to(dtype)
+    return L.requires_grad_(False).eval()
+
+
+def random_items(args: argparse.Namespace, vocab: int) -> tuple[list, dict]:
+    """Utterances of random tokens (BOS first) with `--words` content words, and the frame index
+    of their clips (one frame per second, 30 s each)."""
+    rng = np.random.default_rng(args.seed)
+    clips = [f"clip{k}" for k in range(args.clips)]
+    times = np.arange(30, dtype=np.float64)
+    clip_index = {c: (k * 30 + np.arange(30, dtype=np.int64), times) for k, c in enumerate(clips)}
+    items = []
+    for _ in range(args.utterances):
+        n = max(args.words + 2, int(rng.poisson(args.length)))
+        ids = np.concatenate([[2], rng.integers(3, vocab, n - 1)]).astype(np.int64)
+        t_p = np.sort(rng.choice(np.arange(1, n), size=args.words, replace=False))
+        word_t = np.sort(rng.uniform(0, 29, args.words))
+        items.append(common.TokenizedUtterance(ids, 1, t_p, word_t, str(rng.choice(clips))))
+    return items, clip_index
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = get_args_parser().parse_args(argv)
+    device = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    L = random_lm(args.shape, device)
+    items, clip_index = random_items(args, L.config.vocab_size)
+    g = common.Projector(args.cls_dim, L.config.hidden_size).to(device).eval()
+    rows = np.concatenate([r for r, _ in clip_index.values()])
+    feats = torch.randn(len(rows), args.cls_dim, device=device)
+    donors = ev.shuffle_donors(list(clip_index), args.seed)
+    social = ev.Social(g, feats, rows, clip_index, "full", donors)
+    conditions = [c for c in args.conditions.split(",") if c]
+
+    warm = min(len(items), 2 * args.batch_size)  # kernels, allocator, autotuning
+    ev.run_ppl(L, items[:warm], social, conditions, args.batch_size, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    _, tok, seconds = ev.run_ppl(L, items, social, conditions, args.batch_size, device)
+    n, c = len(items), len(conditions)
+    text = sum(len(it.input_ids) for it in items) * c
+    peak = (
+        f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
+        if device.type == "cuda"
+        else "n/a (CPU)"
+    )
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+    print(
+        f"{date.today()} | {name or device.type} | L {args.shape} (random weights) | "
+        f"batch {args.batch_size} | ~{args.length} tokens, {args.words} content words | "
+        f"{c} conditions | {n / seconds:.1f} utterances/s | {n * c / seconds:.1f} forwards/s | "
+        f"{text / seconds:.0f} text tokens/s | {int(tok[conditions[0]].sum())} scored "
+        f"tokens per condition | peak {peak}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,579 @@
+"""train_dino.py and common.py §4 (the visual encoder V), on the CPU with tiny ViTs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import common
+import train_dino
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A ViT of 2 blocks x 64 channels, a small head and small crops: a step takes well under a second.
+TINY = [
+    "--device", "cpu", "--depth", "2", "--embed-dim", "64", "--out-dim", "128",
+    "--head-hidden", "128", "--bottleneck", "32", "--global-size", "56", "--local-size", "28",
+    "--local-crops", "2", "--batch-size", "8", "--warmup-epochs", "0", "--log-every", "1",
+]  # fmt: skip
+
+
+# The recommended CPU settings (README / run_all.sh): ViT-S/14, 112/56-pixel crops on the
+# 112x196 demo canvas; the test runs a few steps of them, the demo runs ~30.
+CPU_DEMO = [
+    "--device", "cpu", "--batch-size", "16", "--global-size", "112", "--local-size", "56",
+    "--local-crops", "2", "--out-dim", "4096",
+]  # fmt: skip
+
+
+def write_frames(data: Path, frames: np.ndarray, splits: list[str]) -> Path:
+    """A data dir in prep.py's format (frames.npy, frames.json, manifest.csv)."""
+    data.mkdir(parents=True, exist_ok=True)
+    np.save(data / "frames.npy", frames)
+    n, h, w, _ = frames.shape
+    (data / "frames.json").write_text(json.dumps({"height": h, "width": w, "count": n}))
+    with open(data / "manifest.csv", "w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(common.MANIFEST_COLUMNS)
+        for i, split in enumerate(splits):
+            out.writerow([split, f"c{i // 4}", i, f"frames/c{i // 4}/frame_{i % 4:05d}.jpg", i % 4])
+    return data
+
+
+def scene_frames(n: int, seed: int = 0, h: int = 56, w: int = 98) -> np.ndarray:
+    """Frames of two coloured 'people' on a plain background."""
+    rng = np.random.default_rng(seed)
+    colours = np.array([[220, 40, 40], [40, 40, 220], [40, 200, 40], [230, 200, 40]], np.uint8)
+    frames = np.empty((n, h, w, 3), np.uint8)
+    for i in range(n):
+        frames[i] = rng.integers(120, 220)
+        for c in rng.choice(4, 2, replace=False):
+            x0, y0 = rng.integers(0, w - 14), rng.integers(0, h - 28)
+            frames[i, y0 : y0 + 28, x0 : x0 + 12] = colours[c]
+    return frames
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    splits = ["train"] * 32 + ["val"] * 8
+    return write_frames(tmp_path_factory.mktemp("dino_data"), scene_frames(40), splits)
+
+
+def args_for(data: Path, out: Path, *extra: str):
+    return train_dino.parse_args([*TINY, "--data", str(data), "--out", str(out), *extra])
+
+
+# --------------------------------------------------------------------------------------------
+# Schedules
+# --------------------------------------------------------------------------------------------
+
+
+def test_cosine_schedule_warmup_and_ends():
+    s = train_dino.cosine_schedule(1.0, 0.1, total=100, warmup=10)
+    assert len(s) == 100
+    assert s[0] == 0.0 and np.all(np.diff(s[:11]) > 0)  # linear warm-up to the peak
+    assert s[10] == pytest.approx(1.0)
+    assert np.all(np.diff(s[10:]) < 0) and s[-1] == pytest.approx(0.1, abs=1e-3)
+    assert s[55] == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 45 / 90)))
+    m = train_dino.cosine_schedule(0.996, 1.0, total=50)
+    assert m[0] == pytest.approx(0.996) and m[-1] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_teacher_temp_warmup():
+    t = train_dino.teacher_temp_schedule(0.04, 0.07, total=20, warmup=5)
+    assert len(t) == 20 and t[0] == pytest.approx(0.04) and t[4] == pytest.approx(0.07)
+    assert np.all(t[5:] == 0.07)
+
+
+def test_lr_scaled_by_global_batch(tiny_data, tmp_path):
+    args = args_for(tiny_data, tmp_path, "--lr", "0.256", "--warmup-epochs", "1", "--steps", "10")
+    run = train_dino.build_run(args, torch.device("cpu"), world=2, steps_per_epoch=4, total=10)
+    assert run.lr.max() == pytest.approx(0.256 * 8 * 2 / 256)  # batch 8 per rank, 2 ranks
+    assert run.lr[0] == 0 and np.argmax(run.lr) == 4  # one epoch = 4 steps of warm-up
+    assert run.frozen_last_until == 4
+
+
+# --------------------------------------------------------------------------------------------
+# Multi-crop augmentation on the device
+# --------------------------------------------------------------------------------------------
+
+
+def crops(seed: int, frames: np.ndarray, **flags):
+    args = train_dino.parse_args(["--data", "-", "--out", "-", *TINY])
+    for k, v in flags.items():
+        setattr(args, k, v)
+    gen = torch.Generator().manual_seed(seed)
+    return train_dino.multi_crop(torch.from_numpy(frames), args, gen)
+
+
+def test_multi_crop_shapes_ranges_determinism():
+    frames = scene_frames(5)
+    g, loc = crops(0, frames)
+    assert g.shape == (2 * 5, 3, 56, 56) and loc.shape == (2 * 5, 3, 28, 28)
+    lo = (0 - torch.tensor(common.IMAGENET_MEAN)) / torch.tensor(common.IMAGENET_STD)
+    hi = (1 - torch.tensor(common.IMAGENET_MEAN)) / torch.tensor(common.IMAGENET_STD)
+    for x in (g, loc):
+        assert x.dtype == torch.float32 and torch.isfinite(x).all()
+        per_channel = x.transpose(0, 1).reshape(3, -1)
+        assert (per_channel.min(1).values >= lo - 1e-4).all()
+        assert (per_channel.max(1).values <= hi + 1e-4).all()
+    g2, loc2 = crops(0, frames)
+    assert torch.equal(g, g2) and torch.equal(loc, loc2)  # same seed, same crops
+    g3, _ = crops(1, frames)
+    assert not torch.allclose(g, g3)
+    assert not torch.allclose(g[:5], g[5:])  # the two global views of a frame differ
+
+
+def test_random_boxes_inside_and_scaled():
+    gen = torch.Generator().manual_seed(0)
+    b = train_dino.random_boxes(2000, 56, 98, (0.2, 0.6), gen)
+    assert (b[:, 0] >= 0).all() and (b[:, 1] >= 0).all()
+    assert (b[:, 2] <= 98 + 1e-4).all() and (b[:, 3] <= 56 + 1e-4).all()
+    area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]) / (56 * 98)
+    assert area.min() >= 0.2 - 1e-4 and area.max() <= 0.6 + 1e-4
+    ratio = (b[:, 2] - b[:, 0]) / (b[:, 3] - b[:, 1])
+    assert ratio.min() >= 3 / 4 - 1e-4 and ratio.max() <= 4 / 3 + 1e-4
+    # no draw fits (the whole 56x98 frame at ratios <= 4/3): torchvision's centred fallback
+    w = 56 * 4 / 3
+    fallback = torch.tensor([[(98 - w) / 2, 0, (98 + w) / 2, 56]] * 3)
+    assert torch.allclose(train_dino.random_boxes(3, 56, 98, (1.0, 1.0), gen), fallback)
+
+
+def test_photometric_ops():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(6, 3, 20, 20)
+    basis = train_dino.hue_basis()
+    off = train_dino.draw_jitter(6, gen, p=0.0)
+    assert torch.equal(off, torch.tensor([[1.0, 1, 1, 0]] * 6))
+    assert torch.allclose(train_dino.color_jitter(x, off, basis), x, atol=1e-6)
+    y = train_dino.color_jitter(x, train_dino.draw_jitter(6, gen, p=1.0), basis)
+    assert not torch.allclose(y, x) and y.min() >= 0 and y.max() <= 1
+    one, zero = torch.ones(6), torch.zeros(6)
+    grey = train_dino.grayscale(x, one)
+    assert torch.allclose(grey[:, 0], grey[:, 1]) and torch.allclose(grey[:, 1], grey[:, 2])
+    assert torch.equal(train_dino.grayscale(x, zero), x)
+    assert torch.equal(train_dino.solarize(x, one), torch.where(x >= 0.5, 1 - x, x))
+    assert torch.equal(train_dino.solarize(x, zero), x)
+    sharp = train_dino.gaussian_blur(x, torch.full((6,), 1e-3), radius=6)
+    assert torch.allclose(sharp, x, atol=1e-6)
+    blurred = train_dino.gaussian_blur(x, torch.full((6,), 2.0), radius=6)
+    assert blurred.std() < 0.5 * x.std()  # smoother
+    assert torch.allclose(blurred.mean(), x.mean(), atol=0.02)  # a normalised kernel
+    # a hue turn keeps grey pixels grey, and a quarter turn moves colours
+    flat = torch.full((4, 3, 5, 5), 0.3)
+    quarter = torch.tensor([[1.0, 1, 1, math.pi / 2]] * 4)
+    assert torch.allclose(train_dino.color_jitter(flat, quarter, basis), flat, atol=1e-6)
+    red = torch.zeros(4, 3, 5, 5)
+    red[:, 0] = 0.8
+    assert not torch.allclose(train_dino.color_jitter(red, quarter, basis), red, atol=0.05)
+
+
+def test_view_probabilities_follow_dino():
+    """Per-view blur / solarize probabilities: global view 1 always blurred, view 2 solarized
+    sometimes, never view 1."""
+    gen = torch.Generator().manual_seed(0)
+    p = train_dino.draw_views(2000, 2, 56, 98, (0.4, 1.0), [1.0, 0.1], [0.0, 0.2], gen)
+    blurred = p["sigma"] > 0.05
+    assert blurred[:2000].all() and 0.05 < blurred[2000:].float().mean() < 0.15
+    assert p["solarize"][:2000].sum() == 0 and 0.15 < p["solarize"][2000:].mean() < 0.25
+    assert 0.15 < p["grey"].mean() < 0.25 and 0.45 < p["flip"].mean() < 0.55
+    assert torch.equal(p["boxes"][:, 0], torch.arange(2000.0).repeat(2))
+
+
+# --------------------------------------------------------------------------------------------
+# Loss, centering, EMA
+# --------------------------------------------------------------------------------------------
+
+
+def reference_dino_loss(s_out, t_out, center, temp, n_crops):
+    """DINO's DINOLoss.forward, written out loop by loop."""
+    student = (s_out / 0.1).chunk(n_crops)
+    teacher = F.softmax((t_out - center) / temp, dim=-1).chunk(2)
+    total, terms = 0.0, 0
+    for iq, q in enumerate(teacher):
+        for v in range(n_crops):
+            if v == iq:
+                continue
+            total += torch.sum(-q * F.log_softmax(student[v], dim=-1), dim=-1).mean()
+            terms += 1
+    return total / terms
+
+
+def test_dino_loss_matches_reference_and_skips_same_view():
+    torch.manual_seed(0)
+    b, k, n_crops = 4, 16, 4
+    s_out, t_out, center = torch.randn(n_crops * b, k), torch.randn(2 * b, k), torch.randn(1, k)
+    loss = train_dino.dino_loss(s_out, t_out, center, 0.04)
+    assert loss.item() == pytest.approx(reference_dino_loss(s_out, t_out, center, 0.04, 4).item())
+    # only pairs of different views count: a student that copies view 1 of the teacher onto its
+    # own view 1 changes nothing in the loss term for that pair (it is skipped)
+    s2 = s_out.clone()
+    s2[:b] = 1000 * t_out[:b]
+    manual = [
+        -(F.softmax((t_out[i * b : (i + 1) * b] - center) / 0.04, -1) * F.log_softmax(
+            s2[v * b : (v + 1) * b] / 0.1, -1)).sum(-1).mean()
+        for i in range(2) for v in range(n_crops) if v != i
+    ]  # fmt: skip
+    assert len(manual) == 2 * n_crops - 2
+    got = train_dino.dino_loss(s2, t_out, center, 0.04)
+    assert got.item() == pytest.approx(torch.stack(manual).mean().item(), rel=1e-5)
+
+
+def test_teacher_gets_no_gradient_and_center_shifts_with_the_batch():
+    torch.manual_seed(0)
+    s_out = torch.randn(8, 10, requires_grad=True)
+    t_out = torch.randn(4, 10, requires_grad=True)
+    center = torch.zeros(1, 10)
+    train_dino.dino_loss(s_out, t_out, center, 0.04).backward()
+    assert s_out.grad is not None and s_out.grad.abs().sum() > 0
+    assert t_out.grad is None  # the teacher's output is detached inside the loss
+    # centering: center <- 0.9 center + 0.1 mean(batch), toward each new batch
+    new = train_dino.update_center(center, t_out.detach(), 0.9)
+    assert torch.allclose(new, 0.1 * t_out.detach().mean(0, keepdim=True))
+    batch = torch.randn(4, 10) + 5.0
+    c = new
+    for _ in range(200):
+        c = train_dino.update_center(c, batch, 0.9)
+    assert torch.allclose(c, batch.mean(0, keepdim=True), atol=1e-5)
+    # centring changes the teacher targets, hence the loss
+    shifted = train_dino.dino_loss(s_out, t_out, c, 0.04)
+    assert shifted.item() != pytest.approx(train_dino.dino_loss(s_out, t_out, center, 0.04).item())
+
+
+def test_train_step_teacher_is_ema_of_student(tiny_data, tmp_path):
+    args = args_for(tiny_data, tmp_path, "--steps", "4", "--momentum-teacher", "0.9")
+    run = train_dino.build_run(args, torch.device("cpu"), world=1, steps_per_epoch=4, total=4)
+    assert all(not p.requires_grad for p in run.teacher.parameters())
+    t0 = [p.detach().clone() for p in run.teacher.parameters()]
+    frames = torch.from_numpy(scene_frames(8))
+    g, loc = train_dino.multi_crop(frames, args, torch.Generator().manual_seed(0))
+    c0 = run.center.clone()
+    train_dino.train_step(run, 0, g, loc)
+    m = run.momentum[0]
+    assert m == pytest.approx(0.9)
+    for p_t, p0, p_s in zip(run.teacher.parameters(), t0, run.student.parameters(), strict=True):
+        assert p_t.grad is None
+        assert torch.allclose(p_t, m * p0 + (1 - m) * p_s.detach(), atol=1e-6)
+    moved = sum((a - b).abs().sum() for a, b in zip(run.teacher.parameters(), t0, strict=True))
+    assert moved > 0
+    assert not torch.equal(run.center, c0)
+    # the head's last layer is frozen in the first epoch (--freeze-last-layer 1)
+    assert run.student.head.last_layer.weight.grad is None
+
+
+def test_freeze_blocks_and_weight_decay_groups(tiny_data, tmp_path):
+    args = args_for(tiny_data, tmp_path, "--freeze-blocks", "1")
+    student, _ = train_dino.build_networks(args)
+    V = student.backbone
+    assert not any(p.requires_grad for p in V.blocks[0].parameters())
+    assert not V.patch_embed.proj.weight.requires_grad and not V.pos_embed.requires_grad
+    assert all(p.requires_grad for p in V.blocks[1].parameters())
+    decay, plain = train_dino.param_groups(student)
+    assert plain["weight_decay"] == 0.0
+    assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim == 1 for p in plain["params"])
+    assert sum(p.numel() for g in (decay, plain) for p in g["params"]) == sum(
+        p.numel() for p in student.parameters() if p.requires_grad
+    )
+
+
+def test_clip_gradients_per_parameter():
+    a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))
+    a.grad, b.grad = torch.tensor([30.0, 40.0, 0.0]), torch.tensor([0.3, 0.4])
+    train_dino.clip_gradients([a, b], 3.0)
+    assert a.grad.norm().item() == pytest.approx(3.0, rel=1e-5)
+    assert torch.allclose(b.grad, torch.tensor([0.3, 0.4]))  # under the limit: untouched
+
+
+# --------------------------------------------------------------------------------------------
+# Training runs: loss goes down, resume, non-finite loss, export
+# --------------------------------------------------------------------------------------------
+
+
+def test_training_lowers_the_loss(tiny_data, tmp_path, monkeypatch):
+    """A few steps on the data lower the loss. The centre is held still here: from random weights
+    centring first flattens the teacher's targets (the loss then climbs toward log K, as in DINO's
+    first epochs), which would hide what the steps do to the student."""
+    monkeypatch.setattr(train_dino, "update_center", lambda center, teacher_out: center)
+    train_dino.train(args_for(tiny_data, tmp_path, "--steps", "16", "--lr", "0.05"))
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == list(range(1, 17))
+    for key in ("loss", "lr", "momentum", "teacher_temp", "images_per_s", "mfu", "peak_mem_gb"):
+        assert all(math.isfinite(r[key]) for r in lines), key
+    first, last = lines[0]["loss"], np.mean([r["loss"] for r in lines[-3:]])
+    assert last < 0.6 * first, (first, last)
+
+
+def test_resume_equals_uninterrupted(tiny_data, tmp_path, monkeypatch):
+    flags = ["--steps", "6", "--save-every", "3", "--lr", "0.01"]
+    whole = train_dino.train(args_for(tiny_data, tmp_path / "a", *flags))
+    real_save = common.save_checkpoint
+
+    def save_then_die(path, state):
+        real_save(path, state)
+        raise KeyboardInterrupt  # the job is killed right after its first checkpoint
+
+    monkeypatch.setattr(common, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train_dino.train(args_for(tiny_data, tmp_path / "b", *flags))
+    assert common.load_checkpoint(tmp_path / "b" / "checkpoint.pt")["step"] == 3
+    monkeypatch.setattr(common, "save_checkpoint", real_save)
+    resumed = train_dino.train(args_for(tiny_data, tmp_path / "b", *flags))
+    for net in ("student", "teacher"):
+        sa, sb = getattr(whole, net).state_dict(), getattr(resumed, net).state_dict()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa), net
+    assert torch.equal(whole.center, resumed.center)
+    oa, ob = whole.opt.state_dict()["state"], resumed.opt.state_dict()["state"]
+    assert all(torch.equal(oa[i]["exp_avg"], ob[i]["exp_avg"]) for i in oa)
+    ea = common.load_encoder(tmp_path / "a")[0].state_dict()
+    eb = common.load_encoder(tmp_path / "b")[0].state_dict()
+    assert all(torch.equal(ea[k], eb[k]) for k in ea)
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_data, tmp_path, monkeypatch):
+    args = args_for(tiny_data, tmp_path, "--steps", "6", "--save-every", "2")
+    real_loss = train_dino.dino_loss
+    calls = {"n": 0}
+
+    def loss_breaking_at_step_3(*a, **k):
+        calls["n"] += 1
+        out = real_loss(*a, **k)
+        return out * float("nan") if calls["n"] == 4 else out
+
+    monkeypatch.setattr(train_dino, "dino_loss", loss_breaking_at_step_3)
+    with pytest.raises(SystemExit, match=r"non-finite DINO loss at step 3.*step 2"):
+        train_dino.train(args)
+    ckpt = common.load_checkpoint(tmp_path / "checkpoint.pt")
+    assert ckpt["step"] == 2
+    assert all(torch.isfinite(v).all() for v in ckpt["student"].values())
+    assert not (tmp_path / "encoder.safetensors").exists()
+
+
+def test_bad_data_is_named(tmp_path):
+    data = write_frames(tmp_path / "d", scene_frames(4), ["val"] * 4)
+    with pytest.raises(ValueError, match=r"manifest.csv: no frames in split\(s\) \['train'\]"):
+        train_dino.train(args_for(data, tmp_path / "o"))
+    data2 = write_frames(tmp_path / "d2", scene_frames(4), ["train"] * 4)
+    with pytest.raises(ValueError, match="4 training frames cannot fill one step"):
+        train_dino.train(args_for(data2, tmp_path / "o2"))
+
+
+# --------------------------------------------------------------------------------------------
+# The encoder V: LayerScale, weights, export / load, encode_frames, FLOPs
+# --------------------------------------------------------------------------------------------
+
+
+def cls_spread(V, frames: np.ndarray) -> float:
+    """Mean distance of each [CLS] from the mean [CLS], relative to the mean's norm."""
+    f = common.encode_frames(V, frames, batch_size=8)
+    return ((f - f.mean(0)).norm(dim=1).mean() / f.mean(0).norm()).item()
+
+
+def test_default_layerscale_gives_frames_distinct_cls():
+    """SPEC §2: with timm's LayerScale 1e-5 a random ViT-S/14 gives nearly one [CLS] for all
+    frames; the default start (common.LAYERSCALE_INIT) spreads them."""
+    frames = scene_frames(8)
+    torch.manual_seed(0)
+    V = common.build_vit()
+    gammas = [p for n, p in V.named_parameters() if n.endswith(".gamma")]
+    assert gammas and all(torch.all(g == common.LAYERSCALE_INIT) for g in gammas)
+    default = cls_spread(V, frames)
+    torch.manual_seed(0)
+    timm_start = cls_spread(common.build_vit(layerscale_init=None), frames)
+    assert timm_start < 1e-3 < 1e-2 < default
+
+
+def test_export_load_encode_and_init(tiny_data, tmp_path):
+    run = train_dino.train(args_for(tiny_data, tmp_path, "--steps", "2"))
+    V, cfg = common.load_encoder(tmp_path, "cpu")
+    assert not V.training and cfg["embed_dim"] == 64 and cfg["img_size"] == 56
+    assert cfg["overrides"] == {"depth": 2, "embed_dim": 64, "num_heads": 1}
+    teacher = run.teacher.backbone.state_dict()
+    assert all(torch.equal(teacher[k], v) for k, v in V.state_dict().items())
+    frames = np.load(tiny_data / "frames.npy", mmap_mode="r")
+    emb = common.encode_frames(V, frames, batch_size=16)  # 40 frames in 3 batches
+    assert emb.shape == (40, 64) and emb.dtype == torch.float32
+    with torch.no_grad():
+        direct = V(common.normalize_frames(torch.from_numpy(np.array(frames[:5]))))
+    assert torch.allclose(emb[:5], direct, atol=1e-5)
+    # --init: the exported file, and a DINO-style checkpoint (teacher/backbone./head. keys)
+    over = cfg["overrides"]
+    V2 = common.build_vit(init=tmp_path / "encoder.safetensors", img_size=56, **over)
+    V3 = common.build_vit(init=tmp_path / "checkpoint.pt", img_size=56, **over)
+    for W in (V2, V3):
+        assert all(torch.equal(teacher[k], v) for k, v in W.state_dict().items())
+    # position embeddings are resampled when the file was made at another size
+    V4 = common.build_vit(init=tmp_path / "encoder.safetensors", img_size=112, **over)
+    assert V4.pos_embed.shape[1] == 1 + 8 * 8
+    bad = tmp_path / "bad.pt"
+    torch.save({"something": torch.zeros(3)}, bad)
+    with pytest.raises(ValueError, match="bad.pt: weights do not fit"):
+        common.build_vit(init=bad, img_size=56, **over)
+    with pytest.raises(FileNotFoundError, match="nothing.safetensors"):
+        common.build_vit(init=tmp_path / "nothing.safetensors")
+
+
+def test_normalize_frames():
+    x = torch.randint(0, 256, (2, 5, 7, 3), dtype=torch.uint8)
+    y = common.normalize_frames(x)
+    assert y.shape == (2, 3, 5, 7)
+    want = (x[0, 1, 2, 0] / 255 - common.IMAGENET_MEAN[0]) / common.IMAGENET_STD[0]
+    assert y[0, 0, 1, 2].item() == pytest.approx(want.item(), rel=1e-6)
+    assert torch.allclose(common.normalize_frames(x.permute(0, 3, 1, 2).float() / 255), y)
+
+
+def test_vit_flops_matches_flop_counter():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    V = common.build_vit(depth=2, embed_dim=64, num_heads=2, img_size=56).eval()
+    for h, w in ((56, 56), (28, 42)):
+        # the math attention kernel is made of matmuls the counter sees
+        with (
+            FlopCounterMode(display=False) as counter,
+            torch.no_grad(),
+            sdpa_kernel(SDPBackend.MATH),
+        ):
+            V(torch.randn(1, 3, h, w))
+        assert common.vit_flops(V, h, w) == pytest.approx(counter.get_total_flops(), rel=0.02)
+
+
+# --------------------------------------------------------------------------------------------
+# Two processes (torchrun, gloo): replicas stay identical, the centre is all-reduced
+# --------------------------------------------------------------------------------------------
+
+WORKER = """
+import sys
+import torch
+import torch.distributed as dist
+sys.path.insert(0, {repo!r})
+import train_dino
+
+args = train_dino.parse_args(sys.argv[1:])
+run = train_dino.train(args)
+rank = dist.get_rank()
+# update_center with a different batch on each rank must give the mean over both ranks
+probe = train_dino.update_center(torch.zeros(1, 3), torch.full((4, 3), float(rank)), 0.5)
+torch.save(
+    {{
+        "student": run.student.state_dict(),
+        "teacher": run.teacher.state_dict(),
+        "center": run.center,
+        "probe": probe,
+    }},
+    f"{{args.out}}/rank{{rank}}.pt",
+)
+"""
+
+
+def test_two_process_torchrun_gloo(tiny_data, tmp_path):
+    worker = tmp_path / "worker.py"
+    worker.write_text(WORKER.format(repo=str(REPO)))
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        str(worker), *TINY, "--data", str(tiny_data), "--out", str(out), "--steps", "3",
+        "--batch-size", "4", "--lr", "0.05",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    r0, r1 = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    for net in ("student", "teacher"):
+        assert all(torch.equal(r0[net][k], r1[net][k]) for k in r0[net]), net
+    start = train_dino.build_networks(args_for(tiny_data, out))[0].state_dict()
+    assert any(not torch.equal(start[k], r0["student"][k]) for k in start)  # it did train
+    assert torch.equal(r0["center"], r1["center"]) and r0["center"].abs().sum() > 0
+    assert torch.allclose(r0["probe"], torch.full((1, 3), 0.25))  # 0.5 * mean(0, 1)
+    assert torch.allclose(r1["probe"], torch.full((1, 3), 0.25))
+    assert (out / "encoder.safetensors").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# The exported encoder reads the demo's scenes (a linear probe of [CLS])
+# --------------------------------------------------------------------------------------------
+
+
+def scene_of_frames(data: Path) -> tuple[list[dict], list[dict]]:
+    """Manifest rows and, for each, its scene row of scenes.csv (start <= t_sec < end)."""
+    rows = common.read_manifest(data)
+    with open(data / "scenes.csv", newline="") as f:
+        scenes = list(csv.DictReader(f))
+    by_clip: dict[str, list[dict]] = {}
+    for s in scenes:
+        by_clip.setdefault(s["clip_id"], []).append(s)
+    labels = []
+    for r in rows:
+        hit = [
+            s for s in by_clip[r["clip_id"]] if float(s["start"]) <= r["t_sec"] < float(s["end"])
+        ]
+        assert len(hit) == 1, r
+        labels.append(hit[0])
+    return rows, labels
+
+
+def linear_probe(train_z: torch.Tensor, train_y: np.ndarray, test_z: torch.Tensor) -> np.ndarray:
+    """Fit a softmax regression (L-BFGS, small L2) on train_z; predict the labels of test_z."""
+    classes, yi = np.unique(train_y, return_inverse=True)
+    w = torch.zeros(train_z.shape[1], len(classes), requires_grad=True)
+    b = torch.zeros(len(classes), requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=200, line_search_fn="strong_wolfe")
+    target = torch.from_numpy(yi)
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(train_z @ w + b, target) + 1e-3 * (w**2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        return classes[(test_z @ w + b).argmax(1).numpy()]
+
+
+def probe_accuracy(feats: torch.Tensor, y: np.ndarray, groups: np.ndarray) -> tuple[float, float]:
+    """Cross-validated accuracy of a linear probe over held-out groups, and that of the majority
+    class of the training folds (chance)."""
+    hits = chance = 0
+    for g in np.unique(groups):
+        test = groups == g
+        z = (feats - feats[~test].mean(0)) / (feats[~test].std(0) + 1e-6)
+        pred = linear_probe(z[torch.from_numpy(~test)], y[~test], z[torch.from_numpy(test)])
+        hits += (pred == y[test]).sum()
+        values, counts = np.unique(y[~test], return_counts=True)
+        chance += (values[counts.argmax()] == y[test]).sum()
+    return hits / len(y), chance / len(y)
+
+
+def test_exported_encoder_reads_the_demo_scenes(demo_data, tmp_path):
+    """After (a short run of) the recommended CPU training, a linear probe on the exported
+    encoder's [CLS] recovers who is in the frame, who acts and what they do, on scenes it never
+    saw (5 folds of whole scenes), clearly above chance."""
+    train_dino.train(
+        train_dino.parse_args(
+            [*CPU_DEMO, "--data", str(demo_data), "--out", str(tmp_path), "--steps", "3"]
+        )
+    )
+    V, _ = common.load_encoder(tmp_path)
+    rows, scenes = scene_of_frames(demo_data)
+    frames = common.open_frames(demo_data)
+    feats = common.encode_frames(V, frames[[r["frame_idx"] for r in rows]], batch_size=32)
+    spread = ((feats - feats.mean(0)).norm(dim=1).mean() / feats.mean(0).norm()).item()
+    assert spread > 1e-2  # distinct [CLS] per frame (SPEC §2)
+    scene_id = np.array([id(s) for s in scenes])
+    folds = np.unique(scene_id, return_inverse=True)[1] % 5
+    for key in ("people", "actor", "action"):
+        y = np.array([s[key] for s in scenes])
+        acc, chance = probe_accuracy(feats, y, folds)
+        floor = max(chance, 1 / len(set(y)))
+        print(f"probe {key}: {acc:.2f} (chance {floor:.2f})")
+        assert acc >= 2 * floor and acc > floor + 0.1, (key, acc, floor)

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Social tokens end to end: prep -> train_dino -> train_proj -> evaluate.
+#
+#   bash run_all.sh                      # the embedded demo, CPU or all local GPUs
+#   DATA=data/mine VIDEOS=~/videos bash run_all.sh   # your own videos + transcripts
+#
+# Settings (environment): DATA, OUT, DEMO_CLIPS, DINO_STEPS, PROJ_STEPS, LM, ARCH, VIDEOS, NGPU.
+# Each stage resumes on a rerun; a stage whose final output exists is skipped.
+set -euo pipefail
+cd "$(dirname "$0")"
+source ./setup.sh
+
+NGPU=${NGPU:-$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')}
+DATA=${DATA:-data/demo}
+OUT=${OUT:-out/demo}
+DEMO_CLIPS=${DEMO_CLIPS:-120}
+LM=${LM:-gemma3-270m}
+ARCH=${ARCH:-vit_small_patch14_dinov2}
+VIDEOS=${VIDEOS:-}
+
+if [ "$NGPU" -gt 0 ]; then
+  # GPUs: the stage files' own defaults (the paper's sizes), one process per GPU.
+  LAUNCH=(torchrun --standalone --nproc_per_node="$NGPU")
+  DINO_STEPS=${DINO_STEPS:-2000}
+  PROJ_STEPS=${PROJ_STEPS:-3000}
+  PREP_SIZE=(--height 224 --width 392)
+  DINO_ARGS=(--batch-size 64)
+  PROJ_ARGS=(--batch-size 32)
+else
+  # 2-core CPU: smaller canvas and crops, few local crops, short runs (SPEC §2 "CPU budget").
+  LAUNCH=("$PYTHON")
+  DINO_STEPS=${DINO_STEPS:-30}
+  PROJ_STEPS=${PROJ_STEPS:-200}
+  PREP_SIZE=(--height 112 --width 196)
+  DINO_ARGS=(--batch-size 16 --global-size 112 --local-size 56 --local-crops 2 --out-dim 4096)
+  PROJ_ARGS=(--batch-size 16 --lm-dtype bfloat16)
+fi
+
+stage() {  # stage NAME DONE_FILE CMD...: announce, time, skip when DONE_FILE exists, stop on failure
+  local name=$1 done_file=$2 t0
+  shift 2
+  if [ -e "$done_file" ]; then
+    echo "=== $name: already done ($done_file)"
+    return
+  fi
+  echo "=== $name: $*"
+  t0=$(date +%s)
+  if ! "$@"; then
+    echo "=== $name FAILED (exit $?). Fix the cause and rerun: finished stages are kept." >&2
+    exit 1
+  fi
+  echo "=== $name: done in $(($(date +%s) - t0)) s"
+  TIMES+=("$name $(($(date +%s) - t0))")
+}
+TIMES=()
+T0=$(date +%s)
+
+if [ -n "$VIDEOS" ]; then
+  stage prep "$DATA/utterances.jsonl" "$PYTHON" prep.py --videos "$VIDEOS" --out "$DATA" "${PREP_SIZE[@]}"
+else
+  stage prep "$DATA/utterances.jsonl" "$PYTHON" prep.py --demo "$DEMO_CLIPS" --out "$DATA" \
+    "${PREP_SIZE[@]}" --val-frac 0.1 --test-frac 0.2
+fi
+stage train_dino "$OUT/dino/encoder.safetensors" "${LAUNCH[@]}" train_dino.py \
+  --data "$DATA" --out "$OUT/dino" --arch "$ARCH" --steps "$DINO_STEPS" "${DINO_ARGS[@]}"
+stage train_proj "$OUT/proj/projector.safetensors" "${LAUNCH[@]}" train_proj.py \
+  --data "$DATA" --out "$OUT/proj" --encoder "$OUT/dino" --lm "$LM" --inject full \
+  --steps "$PROJ_STEPS" "${PROJ_ARGS[@]}"
+stage evaluate "$OUT/eval/summary.md" "$PYTHON" evaluate.py \
+  --data "$DATA" --out "$OUT" --projector "$OUT/proj" --split test
+
+echo
+echo "=== stage times (s): ${TIMES[*]:-none}; total $(($(date +%s) - T0)) s"
+cat "$OUT/eval/summary.md"

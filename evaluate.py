@@ -699,39 +699,6 @@ def load_projector(path: Path, device: torch.device) -> tuple[Projector, dict]:
     return g.to(device).eval(), cfg
 
 
-def held_out_items(
-    utts: list[dict],
-    tokenizer,
-    clip_index: dict,
-    task: str,
-    context_turns: int,
-    max_len: int,
-) -> tuple[list[TokenizedUtterance], list[dict]]:
-    """The split's utterances as L saw them in training (train_proj.py's task, context and
-    length rules), in clip and turn order, and those left out with the reason."""
-    by_clip: dict[str, list[dict]] = {}
-    for u in utts:
-        by_clip.setdefault(u["clip_id"], []).append(u)
-    items, skipped = [], []
-    for clip_id in sorted(by_clip):
-        turns = sorted(by_clip[clip_id], key=lambda u: u.get("turn", 0))
-        for i, u in enumerate(turns):
-            where = {"clip_id": clip_id, "turn": u.get("turn")}
-            context = turns[max(0, i - context_turns) : i] if task == "next-utterance" else []
-            try:
-                item = common.tokenize_utterance(tokenizer, u, context, max_len)
-            except ValueError as e:
-                skipped.append({**where, "reason": str(e)})
-                continue
-            if item.score_from >= len(item.input_ids):
-                skipped.append({**where, "reason": "no text token to score"})
-            elif len(item.t_p) and clip_id not in clip_index:
-                skipped.append({**where, "reason": "clip has no frames in manifest.csv"})
-            else:
-                items.append(item)
-    return items, skipped
-
-
 def rsa_items(
     index: list[dict],
     index_path: Path,
@@ -837,7 +804,7 @@ class Social:
 def build_social(
     g: Projector,
     V: torch.nn.Module,
-    frames: np.ndarray,
+    data: Path,
     clip_index: dict,
     clips: Sequence[str],
     layout: str,
@@ -845,25 +812,22 @@ def build_social(
     device: torch.device,
     batch_size: int,
 ) -> Social:
-    """Encode the frames of `clips` once with V ([CLS] v_j) and wrap them with g."""
+    """V's [CLS] v_j of the frames of `clips` (from train_proj.py's feature cache when it holds
+    this V on this frame store, else encoded once here), wrapped with g."""
     rows = np.unique(np.concatenate([clip_index[c][0] for c in clips]))
-    feats = common.encode_frames(V, FrameRows(frames, rows), batch_size, device).to(device)
-    return Social(g, feats, rows, clip_index, layout, donors)
+    cache = common.features_path(V, data)
+    if cache.exists():
+        feats = torch.from_numpy(np.load(cache, mmap_mode="r")[rows])
+    else:
+        frames = FrameRows(common.open_frames(data), rows)
+        feats = common.encode_frames(V, frames, batch_size, device)
+    return Social(g, feats.to(device), rows, clip_index, layout, donors)
 
 
 def shuffle_donors(clips: Sequence[str], seed: int) -> dict[str, str]:
     """The clip each held-out clip takes its frames from in the `shuffled` control."""
     clips = sorted(clips)
     return {c: clips[k] for c, k in zip(clips, derangement(len(clips), seed), strict=True)}
-
-
-def autocast(device: torch.device):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # --------------------------------------------------------------------------------------------
@@ -910,15 +874,15 @@ def run_ppl(
     batches = batches[:steps] if steps else batches
     nll = {c: torch.zeros(len(items), dtype=torch.float64, device=device) for c in conditions}
     tok = {c: torch.zeros(len(items), dtype=torch.long, device=device) for c in conditions}
-    sync(device)
+    common.sync(device)
     t0 = time.perf_counter()
     for idx in tqdm(batches, desc="perplexity", disable=len(batches) < 5):
         part = [items[i] for i in idx]
         where = torch.from_numpy(idx).to(device)
         for c in conditions:
-            with autocast(device):
+            with common.autocast(device):
                 nll[c][where], tok[c][where] = utterance_nll(L, build_batch(L, part, social, c))
-    sync(device)
+    common.sync(device)
     seconds = time.perf_counter() - t0
     done = np.sort(np.concatenate(batches)) if batches else np.zeros(0, np.int64)
     return (
@@ -963,7 +927,7 @@ def run_attention(
         for s in range(0, len(chosen), batch_size):
             part = chosen[s : s + batch_size]
             for c in conds:
-                with autocast(device):
+                with common.autocast(device):
                     batch = build_batch(L, part, social, c)
                     out = decode(L, batch, output_attentions=True)
                 sm, n = attention_share_sums(out.attentions, batch.roles)
@@ -1011,7 +975,7 @@ def pooled_states(
     out = []
     for s in range(0, len(items), batch_size):
         part = items[s : s + batch_size]
-        with autocast(device):
+        with common.autocast(device):
             batch = build_batch(L, part, social, inject)
             hidden = decode(L, batch, output_hidden_states=True).hidden_states
         out.append(torch.stack([pool_hidden(h, batch.roles, pool) for h in hidden]).cpu())
@@ -1228,7 +1192,7 @@ def set_up(args: argparse.Namespace, parts: list[str]) -> Setup:
     if {"ppl", "attention"} & set(parts):
         utts = common.read_utterances(args.data, args.split)
         task, turns = cfg.get("task", "utterance"), cfg.get("context_turns", 3)
-        items, skipped = held_out_items(utts, tokenizer, clip_index, task, turns, max_len)
+        items, skipped = common.tokenize_split(utts, tokenizer, clip_index, task, turns, max_len)
         if not items:
             raise SystemExit(f"{args.data}: no usable utterance in split {args.split!r}")
         if "shuffled" in conditions and "ppl" in parts:
@@ -1252,9 +1216,8 @@ def set_up(args: argparse.Namespace, parts: list[str]) -> Setup:
         if encoder is None:
             raise SystemExit(f"{args.projector}: projector.json names no encoder: give --encoder")
         V, _ = common.load_encoder(encoder, device)
-        frames = common.open_frames(args.data)
         social = build_social(
-            g, V, frames, clip_index, clips, layout, donors, device, args.batch_size
+            g, V, args.data, clip_index, clips, layout, donors, device, args.batch_size
         )
     return Setup(
         L,

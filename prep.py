@@ -3,7 +3,7 @@
 The paper (§"Setup and notation") assumes frames F = {F_1, ..., F_m} extracted from the videos
 and a time-aligned transcript W = {W_1, ..., W_n}; §"Local and global social tokens" POS-tags the
 transcript to find its nouns and verbs and takes, for each, the temporally nearest frame. This
-stage makes both, once, so that every later stage reads the same data (SPEC §3):
+stage makes both, once, so that every later stage reads the same data:
 
   manifest.csv       split,clip_id,frame_idx,frame_path,t_sec (frame_idx = row in frames.npy)
   frames.npy/.json   uint8 [N, H, W, 3], each frame letterboxed whole into an H x W canvas
@@ -29,7 +29,7 @@ files are assembled from the finished clips at the end. A bad input is reported 
 and the reason and skipped; --strict stops at the first one instead. Exit code: 0 when usable
 data was produced, 1 when nothing was (or --strict stopped), 2 for unusable arguments.
 
-`--demo N` first synthesizes the social-interaction demo set of SPEC §4 (real mp4 files and
+`--demo N` first synthesizes a social-interaction demo set (real mp4 files and
 transcripts in all formats under OUT/raw/, scene labels in OUT/scenes.csv), then runs the
 normal path on it.
 """
@@ -90,7 +90,7 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--demo",
         type=int,
         metavar="N",
-        help="synthesize N demo clips (SPEC §4) into OUT/raw/ and process them",
+        help="synthesize N demo clips into OUT/raw/ and process them",
     )
     p.add_argument("--out", type=Path, required=True, help="output folder (the later --data)")
     p.add_argument("--fps", type=float, default=1.0, help="frames kept per second of video")
@@ -817,7 +817,7 @@ def assemble(out: Path, jobs: list[ClipJob], s: Settings) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
-# The demo set (SPEC §4): people doing social actions to each other, and what is said about it
+# The demo set: people doing social actions to each other, and what is said about it
 # --------------------------------------------------------------------------------------------
 
 DEMO_SIZE = (384, 216)  # width, height of the synthetic videos

@@ -27,7 +27,7 @@ if [ "$NGPU" -gt 0 ]; then
   DINO_ARGS=(--batch-size 64)
   PROJ_ARGS=(--batch-size 32)
 else
-  # 2-core CPU: smaller canvas and crops, few local crops, short runs (SPEC §2 "CPU budget").
+  # 2-core CPU: smaller canvas and crops, few local crops, short runs.
   LAUNCH=("$PYTHON")
   DINO_STEPS=${DINO_STEPS:-30}
   PROJ_STEPS=${PROJ_STEPS:-200}

@@ -23,7 +23,7 @@ Defaults are DINO's ViT settings for GPUs: 64 frames per GPU, 8 local crops, lr 
 frames with 10 warm-up epochs and a cosine to 1e-6, weight decay 0.04 -> 0.4, teacher momentum
 0.996 -> 1, teacher temperature 0.04, K = 65536, per-parameter clipping at 3, last layer frozen for
 the first epoch, drop-path 0.1. Two changes: crops of 224 / 98 pixels (98 = 7 patches of 14; DINO's
-96 was for patch 16), and LayerScale started at 0.1 when V starts from random weights (SPEC §2,
+96 was for patch 16), and LayerScale started at 0.1 when V starts from random weights (README,
 common.LAYERSCALE_INIT). On a small frame set a smaller --out-dim (4096) is cheaper; a 2-core CPU
 run uses small crops (README: --batch-size 16 --global-size 112 --local-size 56 --local-crops 2
 --out-dim 4096 on the 112x196 demo canvas).
@@ -37,7 +37,6 @@ import functools
 import json
 import math
 import queue
-import resource
 import threading
 import time
 from collections.abc import Callable
@@ -83,7 +82,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         default=common.LAYERSCALE_INIT,
         help="LayerScale gamma when starting from random weights (timm's 1e-5 gives a [CLS]\n"
-        "nearly equal for every image, SPEC §2)",
+        "nearly equal for every image)",
     )
     p.add_argument("--depth", type=int, default=None, help="override the ViT depth (quick runs)")
     p.add_argument(
@@ -488,29 +487,9 @@ def step_flops(V: nn.Module, head: DINOHead, args: argparse.Namespace) -> float:
     return 3 * (2 * glob + args.local_crops * loc) + 2 * glob
 
 
-def matmul_peak_tflops(device: torch.device) -> float:
-    """Measured matmul rate (TFLOP/s) on `device`, the MFU denominator: bf16 8192^3 on CUDA,
-    fp32 1024^3 on the CPU; the best of 8 timings (other work on the machine only slows some)."""
-    n, dtype, reps = (
-        (8192, torch.bfloat16, 10) if device.type == "cuda" else (1024, torch.float32, 3)
-    )
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    a @ b
-    best = float("inf")
-    for _ in range(8):
-        _sync(device)
-        t = time.perf_counter()
-        for _ in range(reps):
-            a @ b
-        _sync(device)
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 * reps / best / 1e12
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def mfu_dtype(device: torch.device) -> torch.dtype:
+    """The dtype the step's matmuls run in: bf16 under autocast on CUDA, fp32 on the CPU."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 # --------------------------------------------------------------------------------------------
@@ -738,7 +717,7 @@ def train(args: argparse.Namespace) -> Run:
             f"{spe} steps/epoch, steps {start}->{total}"
         )
     flops = step_flops(run.student.backbone, run.student.head, args)
-    peak = matmul_peak_tflops(device)
+    peak = common.matmul_peak_tflops(device, mfu_dtype(device))
     gen = torch.Generator(device)
     loss_sum = torch.zeros((), device=device)
     bad_step = torch.full((), -1, dtype=torch.long, device=device)  # first non-finite loss
@@ -774,7 +753,7 @@ def train(args: argparse.Namespace) -> Run:
             mean_loss = common.all_reduce_mean(loss_sum / n_log).item()
             ips = args.batch_size * n_log / (time.perf_counter() - t_log)
             if ips * flops > peak * 1e12:  # the peak was measured while others used the CPU
-                peak = max(peak, matmul_peak_tflops(device))
+                peak = max(peak, common.matmul_peak_tflops(device, mfu_dtype(device)))
             record = {
                 "step": done,
                 "epoch": done / spe,
@@ -786,7 +765,7 @@ def train(args: argparse.Namespace) -> Run:
                 "images_per_s_per_device": ips,
                 "images_per_s": ips * world,
                 "mfu": ips * flops / (peak * 1e12),
-                "peak_mem_gb": _peak_memory_gb(device),
+                "peak_mem_gb": common.peak_memory_gb(device),
             }
             if common.is_main():
                 with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
@@ -814,13 +793,6 @@ def train(args: argparse.Namespace) -> Run:
         }
         print(f"train_dino: wrote {common.export_encoder(run.teacher.backbone, out, cfg)}")
     return run
-
-
-def _peak_memory_gb(device: torch.device) -> float:
-    """Peak memory of this process: CUDA allocations on a GPU, resident set size on the CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -21,7 +21,6 @@ data_report.json (utterances skipped and why).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import time
@@ -168,40 +167,8 @@ def bucket_batches(
 
 
 # --------------------------------------------------------------------------------------------
-# V's [CLS] features, computed once per encoder and frame store
+# What is trained: g on V's cached [CLS] features (common.cached_features), or g and V
 # --------------------------------------------------------------------------------------------
-
-
-def encoder_key(V: torch.nn.Module, data_dir: Path) -> str:
-    """Cache key of V's [CLS] on a frame store: hash of V's weights and of the store's identity."""
-    h = hashlib.sha256()
-    for name, t in sorted(V.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    store = Path(data_dir).resolve() / "frames.npy"
-    st = store.stat()
-    h.update(f"{store}:{st.st_size}:{st.st_mtime_ns}".encode())
-    h.update((Path(data_dir) / "frames.json").read_bytes())
-    return h.hexdigest()[:32]
-
-
-def cached_features(
-    V: torch.nn.Module, data_dir: Path, frames: np.ndarray, device: torch.device, batch: int
-) -> torch.Tensor:
-    """v_j = V(F_j)[CLS] of every frame (float32 [N, D]), from the cache when V and the frame
-    store are the ones it was computed for; rank 0 computes, the others wait and read."""
-    path = common.cache_root() / "features" / f"cls_{encoder_key(V, data_dir)}.npy"
-    if common.is_main() and not path.exists():
-        feats = common.encode_frames(V, frames, batch, device).numpy()
-
-        def write(tmp: str) -> None:
-            with open(tmp, "wb") as f:  # a file object: np.save would add ".npy" to a name
-                np.save(f, feats)
-
-        common.atomic_write(path, write)
-    if dist.is_initialized():
-        dist.barrier()
-    return torch.from_numpy(np.load(path))
 
 
 class Grounding(torch.nn.Module):
@@ -290,33 +257,6 @@ def lr_factor(step: int, total: int, warmup: float) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - w) / max(1, total - w)))
 
 
-def matmul_peak_tflops(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> float:
-    """The MFU denominator, measured in L's dtype: 8192^3 matmuls on CUDA, 1024^3 on the CPU."""
-    n, reps = (8192, 20) if device.type == "cuda" else (1024, 5)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    for i in range(3 + reps):
-        if i == 3:
-            sync(device)
-            t = time.perf_counter()
-        a @ a
-    sync(device)
-    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e12
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def peak_memory_gb(device: torch.device) -> float:
-    """Peak memory: CUDA allocations on a GPU, the process's resident set on the CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
 # --------------------------------------------------------------------------------------------
 # The run: set-up, validation, checkpoints, the loop
 # --------------------------------------------------------------------------------------------
@@ -383,7 +323,8 @@ def build_run(args: argparse.Namespace) -> Run:
     features = None
     V.train(args.train_encoder).requires_grad_(args.train_encoder)
     if not args.train_encoder and args.inject != "none":
-        features = cached_features(V, args.data, frames, device, args.encode_batch).to(device)
+        features = common.cached_features(V, args.data, frames, device, args.encode_batch)
+        features = features.to(device)
 
     torch.manual_seed(args.seed)
     g = Projector(V.embed_dim, L.config.hidden_size, args.proj_depth, args.proj_hidden or None)
@@ -434,10 +375,6 @@ def param_groups(grounding: Grounding, args: argparse.Namespace) -> list[dict]:
     return groups
 
 
-def autocast(device: torch.device):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
 @torch.no_grad()
 def validate(run: Run) -> dict:
     """Validation loss and perplexity over every val utterance (sharded over ranks)."""
@@ -450,7 +387,7 @@ def validate(run: Run) -> dict:
     for s in range(0, len(mine), run.args.batch_size):
         examples = [run.val[i] for i in mine[s : s + run.args.batch_size]]
         inputs = grounding_inputs(examples, run.features, run.frames, run.device)
-        with autocast(run.device):
+        with common.autocast(run.device):
             nll, n = batch_loss(
                 run.L, run.embed, run.grounding, examples, inputs, run.args.inject, run.args.compile
             )
@@ -524,7 +461,7 @@ def train_step(run: Run, examples: list[Example], lr_scale: float) -> tuple[torc
     for grp in run.optimizer.param_groups:
         grp["lr"] = grp["base_lr"] * lr_scale
     inputs = grounding_inputs(examples, run.features, run.frames, run.device)
-    with autocast(run.device):
+    with common.autocast(run.device):
         nll, n = batch_loss(
             run.L, run.embed, run.model, examples, inputs, run.args.inject, run.args.compile
         )
@@ -559,7 +496,7 @@ def train(args: argparse.Namespace) -> Run:
         print(f"train_proj: resumed from {args.out / 'checkpoint.pt'} at step {step}")
     else:  # where g starts from: the reference for every later validation
         log(run, {"step": 0, "epoch": 0.0, **validate(run)})
-    peak = matmul_peak_tflops(run.device, run.L.dtype)
+    peak = common.matmul_peak_tflops(run.device, run.L.dtype)
     bar = tqdm(total=total, initial=step, desc="train_proj", disable=not common.is_main())
     loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)
     n_tok, n_seen, flops, t0 = 0, 0, 0.0, time.perf_counter()
@@ -590,7 +527,7 @@ def train(args: argparse.Namespace) -> Run:
                     f"non-finite training loss at step {step}; the last good checkpoint is "
                     f"{args.out / 'checkpoint.pt'} (lower --lr?)"
                 )
-            sync(run.device)
+            common.sync(run.device)
             dt = time.perf_counter() - t0
             record = {
                 "step": step,
@@ -600,7 +537,7 @@ def train(args: argparse.Namespace) -> Run:
                 "lr": run.optimizer.param_groups[0]["lr"],
                 "tokens_per_s": n_seen / dt,
                 "mfu": flops / dt / (peak * 1e12 * run.world),
-                "peak_mem_gb": peak_memory_gb(run.device),
+                "peak_mem_gb": common.peak_memory_gb(run.device),
             }
             log(run, record)
             bar.set_postfix(

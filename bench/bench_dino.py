@@ -263,7 +263,7 @@ def main() -> None:
         dist.barrier()
     frames = common.open_frames(data)
     ids = train_dino.train_frame_ids(data, ["train"])
-    peak = train_dino.matmul_peak_tflops(device)
+    peak = common.matmul_peak_tflops(device, train_dino.mfu_dtype(device))
     if rank == 0:
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         print(

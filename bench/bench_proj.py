@@ -109,7 +109,7 @@ def step_fn(path: str, L, g, opt, items, feats):
     embed = L.get_input_embeddings()
 
     def step() -> None:
-        with torch.autocast(feats.device.type, dtype=torch.bfloat16, enabled=feats.is_cuda):
+        with common.autocast(feats.device):
             soc_l = g(feats)
             batch = common.insert_social_tokens(items, soc_l, embed, "full")
             if path == "plain":
@@ -133,16 +133,16 @@ def time_steps(step, device: torch.device, args) -> tuple[float, float]:
     """Median seconds per step and peak memory (GiB) of --steps steps after --warmup."""
     for _ in range(args.warmup):
         step()
-    train_proj.sync(device)
+    common.sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
     for _ in range(args.steps):
         t = time.perf_counter()
         step()
-        train_proj.sync(device)
+        common.sync(device)
         times.append(time.perf_counter() - t)
-    return float(np.median(times)), train_proj.peak_memory_gb(device)
+    return float(np.median(times)), common.peak_memory_gb(device)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     torch.manual_seed(0)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    peak = train_proj.matmul_peak_tflops(device, dtype)
+    peak = common.matmul_peak_tflops(device, dtype)
     L = build_lm(args.tiny, device)
     cfg = L.config
     lengths = [int(x) for x in args.lengths.split(",")]

@@ -1,4 +1,5 @@
-"""Shared test fixtures: a small demo data set made by prep.py, and small real videos."""
+"""Shared test fixtures: a small demo data set made by prep.py, small real videos, a tiny
+random Gemma 3."""
 
 from __future__ import annotations
 
@@ -9,12 +10,33 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # the stage files and common.py live at the top level
 
 DEMO_ARGS = ["--demo", "8", "--height", "112", "--width", "196", "--seed", "0"]
+GEMMA_VOCAB = 262144  # the real tokenizer's vocabulary
+TINY_GEMMA = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=16,
+    sliding_window=8,
+)
+
+
+def tiny_gemma(vocab_size: int = GEMMA_VOCAB, attn: str = "sdpa", seed: int = 0, **config):
+    """A 2-layer random Gemma 3 of width 32 (the embedded model's class), frozen, in eval mode;
+    `config` adds or overrides Gemma3TextConfig fields."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    cfg = Gemma3TextConfig(vocab_size=vocab_size, attn_implementation=attn, **TINY_GEMMA | config)
+    torch.manual_seed(seed)
+    return Gemma3ForCausalLM(cfg).requires_grad_(False).eval()
 
 
 def frame_level(k: int) -> int:

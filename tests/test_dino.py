@@ -379,7 +379,7 @@ def cls_spread(V, frames: np.ndarray) -> float:
 
 
 def test_default_layerscale_gives_frames_distinct_cls():
-    """SPEC §2: with timm's LayerScale 1e-5 a random ViT-S/14 gives nearly one [CLS] for all
+    """With timm's LayerScale 1e-5 a random ViT-S/14 gives nearly one [CLS] for all
     frames; the default start (common.LAYERSCALE_INIT) spreads them."""
     frames = scene_frames(8)
     torch.manual_seed(0)
@@ -568,7 +568,7 @@ def test_exported_encoder_reads_the_demo_scenes(demo_data, tmp_path):
     frames = common.open_frames(demo_data)
     feats = common.encode_frames(V, frames[[r["frame_idx"] for r in rows]], batch_size=32)
     spread = ((feats - feats.mean(0)).norm(dim=1).mean() / feats.mean(0).norm()).item()
-    assert spread > 1e-2  # distinct [CLS] per frame (SPEC §2)
+    assert spread > 1e-2  # distinct [CLS] per frame
     scene_id = np.array([id(s) for s in scenes])
     folds = np.unique(scene_id, return_inverse=True)[1] % 5
     for key in ("people", "actor", "action"):

@@ -6,6 +6,7 @@ import itertools
 import json
 import math
 
+import conftest
 import numpy as np
 import pytest
 import torch
@@ -20,25 +21,10 @@ from common import TokenizedUtterance, insert_social_tokens, read_utterances
 
 
 def tiny_gemma(vocab: int = 50, softcap: float | None = None, attn: str = "eager", **extra):
-    """A 2-layer random Gemma 3 of width 32."""
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    torch.manual_seed(0)
-    cfg = Gemma3TextConfig(
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=16,
-        max_position_embeddings=512,
-        sliding_window=8,
-        final_logit_softcapping=softcap,
-        attn_implementation=attn,
-        **extra,
+    """The tiny Gemma 3 with a small vocabulary."""
+    return conftest.tiny_gemma(
+        vocab, attn, max_position_embeddings=512, final_logit_softcapping=softcap, **extra
     )
-    return Gemma3ForCausalLM(cfg).eval()
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,9 +6,11 @@ trains g in front of the real embedded Gemma 3 270M for a few steps.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 
+import conftest
 import numpy as np
 import pytest
 import torch
@@ -35,26 +37,13 @@ def tokenizer(gemma_dir):
     return AutoTokenizer.from_pretrained(gemma_dir)
 
 
-def tiny_gemma(seed: int = 0, **overrides):
-    """A 2-layer random Gemma 3 with the real vocabulary (so the real tokenizer fits)."""
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    cfg = dict(
-        vocab_size=262144,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=16,
-        sliding_window=8,
-        layer_types=["sliding_attention", "full_attention"],
-        initializer_range=0.3,  # logits that inputs can move (0.02 leaves them all near 0)
-    )
-    torch.manual_seed(seed)
-    model = Gemma3ForCausalLM(Gemma3TextConfig(**{**cfg, **overrides}))
-    model.config._attn_implementation = "sdpa"
-    return model.requires_grad_(False).eval()
+# a sliding and a global layer, as in Gemma 3; logits that inputs can move (0.02 leaves them
+# all near 0)
+tiny_gemma = functools.partial(
+    conftest.tiny_gemma,
+    layer_types=["sliding_attention", "full_attention"],
+    initializer_range=0.3,
+)
 
 
 @pytest.fixture(scope="session")

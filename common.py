@@ -777,9 +777,13 @@ PAD, BOS, TEXT, SOC_G, SOC_L = -1, 0, 1, 2, 3
 class Projector(torch.nn.Module):
     """g: [CLS] embedding v_j of V -> a vector in L's input-embedding space ([SOC-L]_p = g(v_j)).
 
-    LayerNorm, then an MLP of `depth` linear layers (GELU between, width `hidden`). The LayerNorm
-    makes the output scale independent of V's feature scale, so `calibrate_` can give g's outputs
-    the norm of real token embeddings at the start of training.
+    Per-dimension standardisation of v_j with fixed statistics of the training frames
+    (`fit_input_stats_`), then an MLP of `depth` linear layers (GELU between, width `hidden`).
+    The standardisation matters: [CLS] vectors of one video share a large common component (their
+    spread across frames is a few percent of their norm), so a per-vector LayerNorm hands the MLP
+    nearly the same input for every scene and g learns a soft prompt that ignores the frames.
+    Standardised inputs are O(1) where scenes differ, and `calibrate_` then gives g's outputs the
+    norm of real token embeddings at the start of training.
     """
 
     def __init__(self, in_dim: int, out_dim: int, depth: int = 2, hidden: int | None = None):
@@ -788,7 +792,9 @@ class Projector(torch.nn.Module):
             raise ValueError(f"Projector: depth must be >= 1, got {depth}")
         hidden = hidden or out_dim
         dims = [in_dim] + [hidden] * (depth - 1) + [out_dim]
-        layers: list[torch.nn.Module] = [torch.nn.LayerNorm(in_dim)]
+        self.register_buffer("v_mean", torch.zeros(in_dim))
+        self.register_buffer("v_std", torch.ones(in_dim))
+        layers: list[torch.nn.Module] = []
         for i in range(depth):
             layers.append(torch.nn.Linear(dims[i], dims[i + 1]))
             if i < depth - 1:
@@ -797,7 +803,15 @@ class Projector(torch.nn.Module):
         self.config = {"in_dim": in_dim, "out_dim": out_dim, "depth": depth, "hidden": hidden}
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
-        return self.net(v)
+        return self.net((v - self.v_mean) / self.v_std)
+
+    @torch.no_grad()
+    def fit_input_stats_(self, v: torch.Tensor) -> None:
+        """Set the standardisation to the mean and std over frames of `v` ([N, in_dim])."""
+        v = v.float()
+        std = v.std(0)
+        self.v_mean.copy_(v.mean(0))
+        self.v_std.copy_(std.clamp_min(1e-6 * std.max().item() + 1e-12))
 
     @torch.no_grad()
     def calibrate_(self, target_norm: float, seed: int = 0, n: int = 1024) -> None:
@@ -805,7 +819,7 @@ class Projector(torch.nn.Module):
         gen = torch.Generator().manual_seed(seed)
         last = self.net[-1]
         last.bias.zero_()
-        x = torch.randn(n, self.config["in_dim"], generator=gen).to(last.weight)
+        x = torch.randn(n, self.config["in_dim"], generator=gen).to(last.weight)  # standardised
         norm = self.net(x).norm(dim=-1).mean().item()
         last.weight.mul_(target_norm / norm)
 

@@ -86,7 +86,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--proj-depth", type=int, default=2, help="linear layers of g (1: linear)")
     p.add_argument("--proj-hidden", type=int, default=0, help="width of g (0: L's hidden size)")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of g")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of g")
     p.add_argument("--encoder-lr", type=float, default=1e-5, help="peak learning rate of V")
     p.add_argument(
         "--train-encoder",
@@ -169,6 +169,24 @@ def bucket_batches(
 # --------------------------------------------------------------------------------------------
 # What is trained: g on V's cached [CLS] features (common.cached_features), or g and V
 # --------------------------------------------------------------------------------------------
+
+
+def input_stats_sample(
+    V: torch.nn.Module,
+    manifest: list[dict],
+    frames: np.ndarray,
+    features: torch.Tensor | None,
+    args: argparse.Namespace,
+    device: torch.device,
+) -> torch.Tensor:
+    """[CLS] of training frames for g's input standardisation: the cached features, or (with
+    --train-encoder) V's initial features of up to 1024 of them."""
+    idx = np.array([r["frame_idx"] for r in manifest if r["split"] == "train"], dtype=np.int64)
+    if features is not None:
+        return features[torch.from_numpy(idx).to(features.device)]
+    rng = np.random.default_rng(args.seed)
+    idx = np.sort(rng.choice(idx, size=min(1024, len(idx)), replace=False))
+    return common.encode_frames(V, frames[idx], args.encode_batch, device)
 
 
 class Grounding(torch.nn.Module):
@@ -328,6 +346,8 @@ def build_run(args: argparse.Namespace) -> Run:
 
     torch.manual_seed(args.seed)
     g = Projector(V.embed_dim, L.config.hidden_size, args.proj_depth, args.proj_hidden or None)
+    if args.inject != "none":
+        g.fit_input_stats_(input_stats_sample(V, manifest, frames, features, args, device))
     g.calibrate_(common.embedding_norm(embed), seed=args.seed)
     grounding = Grounding(g, V if args.train_encoder else None).to(device)
     model = grounding

@@ -19,6 +19,7 @@ import pytest
 from conftest import DEMO_ARGS, ROOT, frame_level
 
 import common
+import demo
 import prep
 
 VFR_TIMES = [0, 0.1, 0.35, 0.4, 0.9, 1.0, 1.3, 1.55, 2.05, 2.4, 2.5, 3.1, 3.2]  # irregular pts
@@ -271,12 +272,12 @@ def test_hash_split_is_stable_and_has_the_asked_shares():
     assert splits == [prep.hash_split(c, 0.1, 0.2) for c in reversed(ids)][::-1]
     share = Counter(splits)
     assert abs(share["test"] / 4000 - 0.2) < 0.03 and abs(share["val"] / 4000 - 0.1) < 0.03
-    assert Counter(prep.demo_splits(ids[:40], 0.1, 0.2).values()) == {
+    assert Counter(demo.demo_splits(ids[:40], 0.1, 0.2).values()) == {
         "train": 28,
         "test": 8,
         "val": 4,
     }
-    assert set(prep.demo_splits(ids[:3], 0.1, 0.1).values()) == {"train", "val", "test"}
+    assert set(demo.demo_splits(ids[:3], 0.1, 0.1).values()) == {"train", "val", "test"}
 
 
 def test_splits_are_by_clip_and_a_split_file_wins(tmp_path, make_video):
@@ -557,14 +558,14 @@ def test_demo_outputs_match_the_data_contract(demo_data):
 
 
 def test_demo_frames_show_who_does_what():
-    clip = next(c for c in map(lambda i: prep.demo_clip(i, 0), range(20)) if len(c["people"]) == 3)
+    clip = next(c for c in map(lambda i: demo.demo_clip(i, 0), range(20)) if len(c["people"]) == 3)
     ev0, ev1 = clip["events"][:2]
-    a = prep.render_demo_frame(clip, (ev0["start"] + ev0["end"]) / 2).astype(int)
-    b = prep.render_demo_frame(clip, (ev1["start"] + ev1["end"]) / 2).astype(int)
+    a = demo.render_demo_frame(clip, (ev0["start"] + ev0["end"]) / 2).astype(int)
+    b = demo.render_demo_frame(clip, (ev1["start"] + ev1["end"]) / 2).astype(int)
     assert a.shape == (216, 384, 3)
     assert np.abs(a - b).sum(-1).astype(bool).mean() > 0.005  # another event, another picture
     for p in clip["people"]:  # everyone is visible in their colour
-        assert (np.abs(a - prep.DEMO_COLOURS[p["colour"]]).sum(-1) < 10).sum() > 300
+        assert (np.abs(a - demo.DEMO_COLOURS[p["colour"]]).sum(-1) < 10).sum() > 300
 
 
 def test_demo_is_deterministic_and_resumable(demo_data, tmp_path):
@@ -574,5 +575,5 @@ def test_demo_is_deterministic_and_resumable(demo_data, tmp_path):
         assert (again / name).read_bytes() == (demo_data / name).read_bytes(), name
     assert prep.main([*DEMO_ARGS, "--out", str(again), "--workers", "1"]) == 0
     assert len(read_report(again)["clips_resumed"]) == 8
-    other = [prep.demo_clip(i, 1)["events"] for i in range(8)]
-    assert other != [prep.demo_clip(i, 0)["events"] for i in range(8)]
+    other = [demo.demo_clip(i, 1)["events"] for i in range(8)]
+    assert other != [demo.demo_clip(i, 0)["events"] for i in range(8)]

@@ -6,7 +6,8 @@ with the teacher-student objective of DINO (Caron et al. 2021), so that its [CLS
 carries the social scene. The pieces, in the order of the DINO paper and of main_dino.py:
 
   multi-crop     2 global crops (--global-size) + --local-crops local crops (--local-size) of each
-                 frame, made on the GPU from the uint8 frame store in batched ops
+                 frame, made on the GPU from the uint8 frame store: crop, resize, flip and blur as
+                 batched matmuls with per-crop resampling matrices, colour ops element-wise
   student        V + DINO head (MLP, L2-normalised bottleneck, weight-normalised last layer),
                  sees every crop; trained with AdamW
   teacher        the same network, an exponential moving average of the student (momentum on a
@@ -196,6 +197,36 @@ def random_boxes(
     return torch.stack([x0, y0, x0 + w, y0 + h], 1)
 
 
+def resample_matrix(lo: torch.Tensor, hi: torch.Tensor, n_in: int, size: int) -> torch.Tensor:
+    """[n, size, n_in]: row o of crop i is the weights over the n_in input pixels of output pixel o
+    when the span [lo[i], hi[i]) (pixel units) is resized to `size` pixels. Antialiased bilinear,
+    as PIL resizes: a triangle filter around the output pixel's centre c = lo + (o + 0.5)·step
+    (step = (hi - lo) / size), its support widened by max(1, step) when shrinking; each row is
+    renormalised to sum 1, so the frame's edge pixels take the weight that falls outside it."""
+    step = (hi - lo) / size
+    out = torch.arange(size, device=lo.device, dtype=torch.float32)
+    centre = lo[:, None] + (out + 0.5) * step[:, None]  # [n, size]
+    pixel = torch.arange(n_in, device=lo.device, dtype=torch.float32) + 0.5
+    support = step.clamp(min=1.0)[:, None, None]
+    w = (1 - (pixel - centre[..., None]).abs() / support).clamp(min=0)
+    return w / w.sum(-1, keepdim=True)
+
+
+def resized_crops(img: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Crops of the frames img [B, H, 3·W] (a row holds its 3 channels side by side) by resampling
+    matrices in frame-major order (row i·V + v: view v of frame i), rows [B·V, S, H] and cols
+    [B·V, S, W] -> view-major crops [V·B, 3, S, S] in float32, x = rows @ frame @ colsᵀ. Two
+    batched matmuls in img's dtype; the V crops of a frame are stacked along the first matmul's
+    output rows, so no frame is copied per crop."""
+    b, h, _ = img.shape
+    n, s, w = cols.shape
+    views = n // b
+    x = torch.bmm(rows.to(img.dtype).view(b, views * s, h), img)  # [B, V·S, 3·W]
+    x = torch.bmm(x.view(n, s * 3, w), cols.to(img.dtype).mT)  # [B·V, S·3, S]
+    x = x.view(b, views, s, 3, s).permute(1, 0, 3, 2, 4)  # [V, B, 3, S, S]
+    return x.reshape(n, 3, s, s).float()
+
+
 def _luma(x: torch.Tensor) -> torch.Tensor:
     """ITU-R 601 grey [n, 1, H, W] of RGB [n, 3, H, W] (torchvision's rgb_to_grayscale)."""
     return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]).clamp(0, 1)
@@ -250,17 +281,30 @@ def grayscale(x: torch.Tensor, on: torch.Tensor) -> torch.Tensor:
     return x + on.view(-1, 1, 1, 1) * (_luma(x) - x)
 
 
+def blur_matrix(sigma: torch.Tensor, size: int, radius: int) -> torch.Tensor:
+    """[n, size, size]: 1-D Gaussian blur of `size` pixels with sigma[i], truncated at `radius`,
+    reflect padding (torch's "reflect": the edge pixel is not repeated) folded in: row o holds
+    the weight of every input pixel in output pixel o."""
+    if radius >= size:
+        raise ValueError(
+            f"blur radius {radius} needs crops larger than {radius} pixels, got {size}"
+        )
+    tap = torch.arange(-radius, radius + 1, device=sigma.device)
+    k = torch.exp(-(tap.float() ** 2) / (2 * sigma[:, None].float() ** 2))
+    k = k / k.sum(1, keepdim=True)  # [n, 2r+1]
+    src = (torch.arange(size, device=sigma.device)[:, None] + tap).abs()  # [size, 2r+1]
+    src = torch.where(src > size - 1, 2 * (size - 1) - src, src)
+    reads = (src[..., None] == torch.arange(size, device=sigma.device)).float()  # [o, tap, p]
+    return torch.einsum("nt,otp->nop", k, reads)
+
+
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int) -> torch.Tensor:
-    """Blur image i with sigma[i] (a near-0 sigma leaves it as it is): one separable depthwise
-    convolution of kernel 2·radius+1 for the whole batch, reflect padding."""
-    n, c, h, w = x.shape
-    t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
-    k = torch.exp(-(t**2) / (2 * sigma[:, None] ** 2))
-    k = (k / k.sum(1, keepdim=True)).repeat_interleave(c, 0)  # [n*c, 2r+1]
-    y = F.pad(x.reshape(1, n * c, h, w), (radius, radius, radius, radius), mode="reflect")
-    y = F.conv2d(y, k[:, None, None, :], groups=n * c)
-    y = F.conv2d(y, k[:, None, :, None], groups=n * c)
-    return y.view(n, c, h, w)
+    """Blur image i of [n, C, H, W] with sigma[i] (a near-0 sigma leaves it as it is), separable:
+    x <- K_H @ x @ K_Wᵀ per image and channel, K = blur_matrix, in x's dtype."""
+    _, _, h, w = x.shape
+    k_h = blur_matrix(sigma, h, radius).to(x.dtype)
+    k_w = k_h if w == h else blur_matrix(sigma, w, radius).to(x.dtype)
+    return k_h[:, None] @ x @ k_w[:, None].mT
 
 
 def solarize(x: torch.Tensor, on: torch.Tensor) -> torch.Tensor:
@@ -287,13 +331,12 @@ def draw_views(
     solarize_p: list[float],
     gen: torch.Generator,
 ) -> dict[str, torch.Tensor]:
-    """Every random choice of `views` crops of b images (view-major rows v*b + i): roi_align boxes
-    (image index, x0, y0, x1, y1), flips, jitter factors, grey, blur sigma (per-view blur
+    """Every random choice of `views` crops of b images (view-major rows v*b + i: view v of image
+    i): crop boxes (x0, y0, x1, y1), flips, jitter factors, grey, blur sigma (per-view blur
     probabilities; a near-0 sigma where the coin says no), solarize."""
     n = views * b
     dev = gen.device
-    image = torch.arange(b, device=dev, dtype=torch.float32).repeat(views)
-    boxes = torch.cat([image[:, None], random_boxes(n, height, width, scale, gen)], 1)
+    boxes = random_boxes(n, height, width, scale, gen)
     blur_on = _coin(n, _per_view(blur_p, b, dev), gen) > 0
     return {
         "boxes": boxes,
@@ -305,19 +348,35 @@ def draw_views(
     }
 
 
+def _frame_major(x: torch.Tensor, b: int) -> torch.Tensor:
+    """Rows v*b + i (view-major) of x reordered to i*V + v (frame-major)."""
+    return x.view(-1, b, *x.shape[1:]).transpose(0, 1).reshape(x.shape)
+
+
 def render_views(
     img: torch.Tensor, params: dict[str, torch.Tensor], size: int, basis: torch.Tensor
 ) -> torch.Tensor:
-    """The crops of `draw_views` from img [B, 3, H, W] (float, [0, 1]) -> [n, 3, size, size] in
-    [0, 1]: random resized crop (roi_align with adaptive sampling, so downscaling is antialiased),
-    flip, colour jitter, grayscale, blur, solarize. Deterministic given `params` (torch.compile
+    """The crops of `draw_views` from frames img [B, H, 3·W] (0..255, in the matmul dtype; see
+    multi_crop) -> [n, 3, size, size] in [0, 1], float32: RandomResizedCrop (antialiased bilinear,
+    resample_matrix) and flip (its x-direction matrix reversed) as matmuls, colour jitter and
+    grayscale in float32, blur as matmuls, solarize. Deterministic given `params` (torch.compile
     fuses it under --compile)."""
-    from torchvision.ops import roi_align
-
-    x = roi_align(img, params["boxes"], (size, size), 1.0, 0, aligned=True)
-    x = torch.where(params["flip"].view(-1, 1, 1, 1) > 0, x.flip(-1), x)
+    b, h, w = img.shape[0], img.shape[1], img.shape[2] // 3
+    boxes, flip = _frame_major(params["boxes"], b), _frame_major(params["flip"], b)
+    rows = resample_matrix(boxes[:, 1], boxes[:, 3], h, size) / 255  # to [0, 1] for free
+    cols = resample_matrix(boxes[:, 0], boxes[:, 2], w, size)
+    cols = torch.where(flip.view(-1, 1, 1) > 0, cols.flip(1), cols)
+    x = resized_crops(img, rows, cols)
     x = grayscale(color_jitter(x, params["jitter"], basis), params["grey"])
-    return solarize(gaussian_blur(x, params["sigma"], BLUR_RADIUS), params["solarize"])
+    x = gaussian_blur(x.to(img.dtype), params["sigma"], BLUR_RADIUS).float()
+    return solarize(x, params["solarize"])
+
+
+def frame_rows(frames: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """uint8 frames [B, H, W, 3] -> [B, H, 3·W] in `dtype` (values 0..255), each row holding its
+    3 channels side by side: the layout resized_crops reads."""
+    b, h, w, _ = frames.shape
+    return frames.permute(0, 1, 3, 2).reshape(b, h, 3 * w).to(dtype)
 
 
 _HUE_BASIS: dict[torch.device, torch.Tensor] = {}  # per device, made there once
@@ -329,9 +388,10 @@ def multi_crop(
     """uint8 frames [B, H, W, 3] -> (global crops [2B, 3, G, G], local crops [nB, 3, L, L]),
     view-major. DINO's recipe: global view 1 always blurred, view 2 blurred with p 0.1 and
     solarized with p 0.2, local views blurred with p 0.5; then ImageNet normalisation. `render`:
-    render_views or its compiled form."""
+    render_views or its compiled form. The crop and blur matmuls run in bfloat16 on the GPU (the
+    uint8 values are exact in it, and V sees bf16 under autocast anyway), float32 on the CPU."""
     b, h, w, _ = frames.shape
-    img = frames.permute(0, 3, 1, 2).float().div_(255.0)
+    img = frame_rows(frames, torch.bfloat16 if frames.device.type == "cuda" else torch.float32)
     if img.device not in _HUE_BASIS:
         _HUE_BASIS[img.device] = hue_basis(img.device)
     basis = _HUE_BASIS[img.device]
@@ -397,14 +457,18 @@ def dino_loss(
     """DINO's loss: mean over pairs (teacher view i, student view v), v != i, of the cross-entropy
     H(P_t, P_s) = -sum_k P_t log P_s, with P_t = softmax((t - center) / teacher_temp) (centred
     and sharpened, no gradient) and P_s = softmax(s / student_temp). Rows are view-major:
-    student_out [V*B, K] (the global views first), teacher_out [G*B, K] (global views only)."""
+    student_out [V*B, K] (the 2 global views first), teacher_out [2*B, K] (global views only).
+    With q_i = P_t of teacher view i and lp_v = log P_s of student view v, the 2V - 2 pairs sum
+    in two products instead of one per pair:
+        sum_v sum_{i != v} q_i . lp_v = (q_0 + q_1) . sum_v lp_v - sum_{i<2} q_i . lp_i."""
     batch = teacher_out.shape[0] // 2
-    log_p = F.log_softmax(student_out.float() / student_temp, dim=-1).split(batch)
-    p_t = F.softmax((teacher_out.float() - center) / teacher_temp, dim=-1).detach().split(batch)
-    terms = [
-        -(q * lp).sum(-1).mean() for i, q in enumerate(p_t) for v, lp in enumerate(log_p) if v != i
-    ]
-    return torch.stack(terms).mean()
+    log_p = F.log_softmax(student_out.float() / student_temp, dim=-1)
+    log_p = log_p.view(-1, batch, log_p.shape[-1])  # [V, B, K]
+    p_t = F.softmax((teacher_out.float() - center) / teacher_temp, dim=-1).detach()
+    p_t = p_t.view(2, batch, -1)
+    cross = (p_t.sum(0) * log_p.sum(0)).sum() - (p_t * log_p[:2]).sum()
+    pairs = 2 * log_p.shape[0] - 2
+    return -cross / (pairs * batch)
 
 
 @torch.no_grad()
@@ -421,9 +485,8 @@ def update_center(
 def ema_update(
     teacher_params: list[torch.Tensor], student_params: list[torch.Tensor], m: float
 ) -> None:
-    """Teacher = EMA of the student: theta_t <- m * theta_t + (1 - m) * theta_s."""
-    torch._foreach_mul_(teacher_params, m)
-    torch._foreach_add_(teacher_params, [p.detach() for p in student_params], alpha=1 - m)
+    """Teacher = EMA of the student: theta_t <- m * theta_t + (1 - m) * theta_s (one lerp)."""
+    torch._foreach_lerp_(teacher_params, [p.detach() for p in student_params], 1 - m)
 
 
 @torch.no_grad()

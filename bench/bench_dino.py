@@ -3,7 +3,8 @@
 For each --arch, the same training step (train_dino.build_run / train_step: student + teacher,
 DINO loss, AdamW, EMA) is fed two ways in one run:
   gpu  train_dino's own data path: frames read from the uint8 memmap by its reader thread (pinned,
-       non-blocking copy), multi-crop made on the GPU in batched ops (train_dino.multi_crop)
+       non-blocking copy), multi-crop made on the GPU in batched matmuls and element-wise colour
+       ops (train_dino.multi_crop); compiled with the networks under --compile, unless --eager-aug
   cpu  the original DINO recipe: PIL crops and torchvision transforms (RandomResizedCrop bicubic,
        flip, ColorJitter, RandomGrayscale, PIL GaussianBlur, Solarization, ToTensor, Normalize)
        in --workers DataLoader worker processes per GPU (DINO's default 10), pinned batches
@@ -13,6 +14,7 @@ Frames are synthesised (random uint8, 224x392 canvas), so only torch, timm, nump
 
   python bench/bench_dino.py                                   # one GPU
   torchrun --standalone --nproc_per_node=2 bench/bench_dino.py --paths gpu   # two GPUs
+  python bench/bench_dino.py --compile --paths gpu --eager-aug  # compiled nets, eager multi-crop
 """
 
 from __future__ import annotations
@@ -53,7 +55,14 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=15, help="untimed steps first")
     p.add_argument("--steps", type=int, default=25, help="timed steps")
     p.add_argument("--workers", type=int, default=10, help="DataLoader workers per GPU (cpu path)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the networks (both paths)")
+    p.add_argument(
+        "--compile", action="store_true", help="torch.compile networks, multi-crop and loss"
+    )
+    p.add_argument(
+        "--eager-aug",
+        action="store_true",
+        help="run the multi-crop (train_dino.render_views) eagerly, even under --compile",
+    )
     p.add_argument("--profile", action="store_true", help="profile a few steps of the gpu path")
     p.add_argument("--device", default=None, help="cpu for a smoke test; default cuda")
     p.add_argument("--global-size", type=int, default=224, help="global crop side")
@@ -278,6 +287,8 @@ def main() -> None:
         per_path = b.warmup + b.steps + 3
         total = len(paths) * per_path + 3
         run = train_dino.build_run(args, device, world, batches.steps_per_epoch, total)
+        if b.eager_aug:
+            run.render = train_dino.render_views
         flops = train_dino.step_flops(run.student.backbone, run.student.head, args)
         for i, path in enumerate(paths):
             if device.type == "cuda":
@@ -301,6 +312,7 @@ def main() -> None:
                 "gpus": world,
                 "batch": args.batch_size,
                 "compile": args.compile,
+                "aug": "compiled" if args.compile and not b.eager_aug else "eager",
                 "images_per_s_per_gpu": ips,
                 "mfu": ips * flops / (peak * 1e12),
                 "aug_ms": aug_s * 1000,
@@ -318,13 +330,13 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     if rank == 0:
-        print(f"\n{'model':9} {'path':9} {'GPUs':>4} {'batch':>5} {'compile':>7} "
+        print(f"\n{'model':9} {'path':9} {'GPUs':>4} {'batch':>5} {'compile':>7} {'aug':>8} "
               f"{'img/s/GPU':>9} {'MFU':>6} {'step ms':>8} {'aug ms':>7} {'mem GB':>6}")  # fmt: skip
         for r in rows:
             print(
                 f"{r['arch']:9} {r['path']:9} {r['gpus']:>4} {r['batch']:>5} "
-                f"{r['compile']!s:>7} {r['images_per_s_per_gpu']:>9.1f} {r['mfu']:>6.1%} "
-                f"{r['step_ms']:>8.1f} {r['aug_ms']:>7.1f} {r['peak_mem_gb']:>6.1f}"
+                f"{r['compile']!s:>7} {r['aug']:>8} {r['images_per_s_per_gpu']:>9.1f} "
+                f"{r['mfu']:>6.1%} {r['step_ms']:>8.1f} {r['aug_ms']:>7.1f} {r['peak_mem_gb']:>6.1f}"
             )
         if b.json:
             with open(b.json, "a") as f:

@@ -187,7 +187,108 @@ def test_view_probabilities_follow_dino():
     assert blurred[:2000].all() and 0.05 < blurred[2000:].float().mean() < 0.15
     assert p["solarize"][:2000].sum() == 0 and 0.15 < p["solarize"][2000:].mean() < 0.25
     assert 0.15 < p["grey"].mean() < 0.25 and 0.45 < p["flip"].mean() < 0.55
-    assert torch.equal(p["boxes"][:, 0], torch.arange(2000.0).repeat(2))
+    assert p["boxes"].shape == (4000, 4) and p["sigma"].shape == (4000,)
+
+
+def test_resample_matrix_rows_identity_and_constant():
+    gen = torch.Generator().manual_seed(0)
+    lo = torch.rand(50, generator=gen) * 30
+    hi = lo + 1 + torch.rand(50, generator=gen) * (70 - 1 - lo)  # shrink and enlarge, in frame
+    m = train_dino.resample_matrix(lo, hi, 70, 16)
+    assert m.shape == (50, 16, 70) and (m >= 0).all()
+    assert torch.allclose(m.sum(-1), torch.ones(50, 16), atol=1e-6)
+    eye = train_dino.resample_matrix(torch.zeros(1), torch.full((1,), 12.0), 12, 12)
+    assert torch.equal(eye[0], torch.eye(12))
+    half = train_dino.resample_matrix(torch.zeros(1), torch.full((1,), 40.0), 40, 20)
+    assert torch.allclose(half[0] @ torch.full((40,), 0.7), torch.full((20,), 0.7), atol=1e-6)
+    assert (half[0] > 0).sum(-1).min() > 2  # antialiased: more than 2 taps when shrinking 2x
+
+
+def test_resized_crops_match_pil_bilinear():
+    """resample_matrix is PIL's antialiased bilinear resize (PIL rounds to uint8 between its two
+    passes, hence the tolerance of about one level)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    frame = rng.integers(0, 256, (40, 70, 3), dtype=np.uint8)
+    img = train_dino.frame_rows(torch.from_numpy(frame[None]), torch.float32)
+    for box in [(3.5, 2.0, 60.25, 37.0), (10.0, 5.5, 22.0, 17.5), (0.0, 0.0, 70.0, 40.0)]:
+        rows = train_dino.resample_matrix(torch.tensor([box[1]]), torch.tensor([box[3]]), 40, 16)
+        cols = train_dino.resample_matrix(torch.tensor([box[0]]), torch.tensor([box[2]]), 70, 16)
+        ours = train_dino.resized_crops(img, rows, cols)[0].permute(1, 2, 0)
+        pil = Image.fromarray(frame).resize((16, 16), Image.Resampling.BILINEAR, box=box)
+        diff = (ours - torch.from_numpy(np.array(pil)).float()).abs()
+        assert diff.max() <= 1.5 and diff.mean() < 0.5, (box, diff.max())
+
+
+def plain_views(b: int, views: int, h: int, w: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """draw_views' boxes and flips with jitter, grey, blur and solarize off."""
+    gen = torch.Generator().manual_seed(seed)
+    p = train_dino.draw_views(b, views, h, w, (0.05, 0.6), [0.0] * views, [0.0] * views, gen)
+    n = b * views
+    p.update(jitter=torch.tensor([[1.0, 1, 1, 0]] * n), grey=torch.zeros(n))
+    p.update(sigma=torch.full((n,), 1e-3), solarize=torch.zeros(n))
+    return p
+
+
+def render(frames: np.ndarray, params: dict[str, torch.Tensor], size: int) -> torch.Tensor:
+    img = train_dino.frame_rows(torch.from_numpy(frames), torch.float32)
+    return train_dino.render_views(img, params, size, train_dino.hue_basis())
+
+
+def test_crop_rows_are_view_major_and_follow_their_boxes():
+    """Row v*b + i is view v of frame i, cut by box and flip v*b + i."""
+    b, views, size = 3, 4, 12
+    colours = np.array([[200, 10, 30], [20, 180, 60], [40, 90, 250]], np.uint8)
+    flat = np.broadcast_to(colours[:, None, None], (b, 30, 50, 3)).copy()
+    out = render(flat, plain_views(b, views, 30, 50), size)
+    assert out.shape == (views * b, 3, size, size)
+    want = torch.from_numpy(colours).float().div(255).repeat(views, 1)[:, :, None, None]
+    assert torch.allclose(out, want.expand_as(out), atol=1e-5)
+    # every crop against its own box and flip, one frame and one matmul pair at a time
+    frames = np.random.default_rng(0).integers(0, 256, (b, 30, 50, 3), dtype=np.uint8)
+    p = plain_views(b, views, 30, 50, seed=1)
+    assert 0 < p["flip"].sum() < views * b
+    out = render(frames, p, size)
+    for v in range(views):
+        for i in range(b):
+            k = v * b + i
+            x0, y0, x1, y1 = p["boxes"][k : k + 1].unbind(1)
+            rows = train_dino.resample_matrix(y0, y1, 30, size)[0]
+            cols = train_dino.resample_matrix(x0, x1, 50, size)[0]
+            frame = torch.from_numpy(frames[i]).permute(2, 0, 1).float() / 255
+            crop = rows @ frame @ cols.T
+            crop = crop.flip(-1) if p["flip"][k] else crop
+            assert torch.allclose(out[k], crop, atol=1e-5), (v, i)
+
+
+def test_flipped_crop_is_the_crop_flipped():
+    frames = np.random.default_rng(1).integers(0, 256, (2, 30, 50, 3), dtype=np.uint8)
+    p = plain_views(2, 3, 30, 50)
+    p["jitter"] = train_dino.draw_jitter(6, torch.Generator().manual_seed(0), p=1.0)
+    p["sigma"] = torch.full((6,), 1.5)  # blur and jitter too: they commute with the flip
+    unflipped = render(frames, {**p, "flip": torch.zeros(6)}, 14)
+    flipped = render(frames, {**p, "flip": torch.ones(6)}, 14)
+    assert torch.allclose(flipped, unflipped.flip(-1), atol=1e-5)
+    assert not torch.allclose(flipped, unflipped, atol=1e-2)
+
+
+def test_blur_matrix_is_reflect_padded_gaussian():
+    sigma = torch.tensor([1e-3, 0.7, 2.0])
+    k = train_dino.blur_matrix(sigma, 15, radius=6)
+    assert torch.equal(k[0], torch.eye(15))
+    assert torch.allclose(k.sum(-1), torch.ones(3, 15), atol=1e-6)
+    x = torch.rand(3, 3, 15, 20)
+    ours = train_dino.gaussian_blur(x, sigma, radius=6)
+    for i, s in enumerate(sigma):  # reference: a depthwise separable conv, reflect padding
+        t = torch.arange(-6, 7, dtype=torch.float32)
+        g = torch.exp(-(t**2) / (2 * s**2))
+        g = (g / g.sum()).expand(3, 13)
+        y = F.pad(x[i : i + 1], (6, 6, 6, 6), mode="reflect")
+        y = F.conv2d(F.conv2d(y, g[:, None, None, :], groups=3), g[:, None, :, None], groups=3)
+        assert torch.allclose(ours[i], y[0], atol=1e-5), i
+    with pytest.raises(ValueError, match="blur radius 6 needs crops larger than 6 pixels"):
+        train_dino.blur_matrix(sigma, 6, radius=6)
 
 
 # --------------------------------------------------------------------------------------------
@@ -211,10 +312,13 @@ def reference_dino_loss(s_out, t_out, center, temp, n_crops):
 
 def test_dino_loss_matches_reference_and_skips_same_view():
     torch.manual_seed(0)
-    b, k, n_crops = 4, 16, 4
-    s_out, t_out, center = torch.randn(n_crops * b, k), torch.randn(2 * b, k), torch.randn(1, k)
-    loss = train_dino.dino_loss(s_out, t_out, center, 0.04)
-    assert loss.item() == pytest.approx(reference_dino_loss(s_out, t_out, center, 0.04, 4).item())
+    b, k = 4, 16
+    for n_crops in (2, 10, 4):  # globals only, DINO's 2 + 8, and the case below
+        s_out, t_out = torch.randn(n_crops * b, k), torch.randn(2 * b, k)
+        center = torch.randn(1, k)
+        loss = train_dino.dino_loss(s_out, t_out, center, 0.04)
+        want = reference_dino_loss(s_out, t_out, center, 0.04, n_crops)
+        assert loss.item() == pytest.approx(want.item(), rel=1e-5), n_crops
     # only pairs of different views count: a student that copies view 1 of the teacher onto its
     # own view 1 changes nothing in the loss term for that pair (it is skipped)
     s2 = s_out.clone()
@@ -569,7 +673,7 @@ def test_exported_encoder_reads_the_demo_scenes(demo_data, tmp_path):
     feats = common.encode_frames(V, frames[[r["frame_idx"] for r in rows]], batch_size=32)
     spread = ((feats - feats.mean(0)).norm(dim=1).mean() / feats.mean(0).norm()).item()
     assert spread > 1e-2  # distinct [CLS] per frame
-    scene_id = np.array([id(s) for s in scenes])
+    scene_id = np.array([f"{s['clip_id']}@{s['start']}" for s in scenes])  # not id(): stable folds
     folds = np.unique(scene_id, return_inverse=True)[1] % 5
     for key in ("people", "actor", "action"):
         y = np.array([s[key] for s in scenes])

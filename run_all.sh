@@ -4,7 +4,8 @@
 #   bash run_all.sh                      # the embedded demo, CPU or all local GPUs
 #   DATA=data/mine VIDEOS=~/videos bash run_all.sh   # your own videos + transcripts
 #
-# Settings (environment): DATA, OUT, DEMO_CLIPS, DINO_STEPS, PROJ_STEPS, LM, ARCH, VIDEOS, NGPU.
+# Settings (environment): DATA, OUT, DEMO_CLIPS, DINO_STEPS, PROJ_STEPS, LM, ARCH, VIDEOS, NGPU,
+# PYTHON (an interpreter to use as it is, instead of the one setup.sh finds or makes).
 # Each stage resumes on a rerun; a stage whose final output exists is skipped.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -20,11 +21,11 @@ VIDEOS=${VIDEOS:-}
 
 if [ "$NGPU" -gt 0 ]; then
   # GPUs: the stage files' own defaults (the paper's sizes), one process per GPU.
-  LAUNCH=(torchrun --standalone --nproc_per_node="$NGPU")
+  LAUNCH=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NGPU")
   DINO_STEPS=${DINO_STEPS:-2000}
   PROJ_STEPS=${PROJ_STEPS:-3000}
   PREP_SIZE=(--height 224 --width 392)
-  DINO_ARGS=(--batch-size 64)
+  DINO_ARGS=(--batch-size 64 --compile)
   PROJ_ARGS=(--batch-size 32)
 else
   # 2-core CPU: smaller canvas and crops, few local crops, short runs.
@@ -45,10 +46,10 @@ stage() {  # stage NAME DONE_FILE CMD...: announce, time, skip when DONE_FILE ex
   fi
   echo "=== $name: $*"
   t0=$(date +%s)
-  if ! "$@"; then
+  "$@" || {
     echo "=== $name FAILED (exit $?). Fix the cause and rerun: finished stages are kept." >&2
     exit 1
-  fi
+  }
   echo "=== $name: done in $(($(date +%s) - t0)) s"
   TIMES+=("$name $(($(date +%s) - t0))")
 }

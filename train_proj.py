@@ -103,7 +103,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-len", type=int, default=256, help="max sequence length, social tokens in")
     p.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps")
     p.add_argument(
-        "--val-every", type=int, default=0, help="validate every N steps (0: once per epoch)"
+        "--val-every",
+        type=int,
+        default=200,
+        help="validate every N steps, and at the start and the end (0: once per epoch)",
     )
     p.add_argument("--log-every", type=int, default=10, help="log train metrics every N steps")
     p.add_argument("--encode-batch", type=int, default=64, help="frames per V forward when caching")
@@ -567,8 +570,8 @@ def train(args: argparse.Namespace) -> Run:
             )
             loss_sum.zero_()
             n_tok, n_seen, flops, t0 = 0, 0, 0.0, time.perf_counter()
-        end_of_epoch = step % per_epoch == 0
-        if end_of_epoch or step == total or (args.val_every and step % args.val_every == 0):
+        due = step % (args.val_every or per_epoch) == 0  # small sets: many epochs, few checks
+        if due or step == total:
             val = {"step": step, "epoch": step / per_epoch, **validate(run)}
             log(run, val)
             if common.is_main() and val.get("val_loss") is not None:

@@ -5,7 +5,8 @@
 #   DATA=data/mine VIDEOS=~/videos bash run_all.sh   # your own videos + transcripts
 #
 # Settings (environment): DATA, OUT, DEMO_CLIPS, DINO_STEPS, PROJ_STEPS, LM, ARCH, VIDEOS, NGPU,
-# PYTHON (an interpreter to use as it is, instead of the one setup.sh finds or makes).
+# PRETRAINED=1 (start V from timm's hub weights: online only), PYTHON (an interpreter to use as it
+# is, instead of the one setup.sh finds or makes).
 # Each stage resumes on a rerun; a stage whose final output exists is skipped.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -36,6 +37,8 @@ else
   DINO_ARGS=(--batch-size 16 --global-size 112 --local-size 56 --local-crops 2 --out-dim 4096)
   PROJ_ARGS=(--batch-size 16 --lm-dtype bfloat16)
 fi
+
+if [ "${PRETRAINED:-0}" = 1 ]; then DINO_ARGS+=(--pretrained); fi
 
 stage() {  # stage NAME DONE_FILE CMD...: announce, time, skip when DONE_FILE exists, stop on failure
   local name=$1 done_file=$2 t0

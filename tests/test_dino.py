@@ -496,6 +496,27 @@ def test_default_layerscale_gives_frames_distinct_cls():
     assert timm_start < 1e-3 < 1e-2 < default
 
 
+def test_pretrained_goes_through_timm_and_keeps_its_layerscale(tmp_path):
+    """--pretrained is timm's own loader (the hub online; a local file stands in for it here via
+    timm's pretrained_cfg_overlay) and the loaded weights, LayerScale included, stay as loaded."""
+    import timm
+
+    small = {"depth": 2, "embed_dim": 64, "num_heads": 1, "img_size": 56}
+    hub = timm.create_model(common.DEFAULT_ARCH, num_classes=0, **small)
+    with torch.no_grad():
+        for p in hub.parameters():
+            p.normal_()
+    torch.save(hub.state_dict(), tmp_path / "hub.pth")
+    overlay = {"file": str(tmp_path / "hub.pth")}
+    V = common.build_vit(pretrained=True, pretrained_cfg_overlay=overlay, **small)
+    got = V.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in hub.state_dict().items())
+    gammas = [p for n, p in V.named_parameters() if n.endswith(".gamma")]
+    assert gammas and not any(torch.all(g == common.LAYERSCALE_INIT) for g in gammas)
+    with pytest.raises(ValueError, match="either pretrained"):
+        common.build_vit(pretrained=True, init=tmp_path / "hub.pth", **small)
+
+
 def test_export_load_encode_and_init(tiny_data, tmp_path):
     run = train_dino.train(args_for(tiny_data, tmp_path, "--steps", "2"))
     V, cfg = common.load_encoder(tmp_path, "cpu")

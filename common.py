@@ -1196,3 +1196,76 @@ def cached_features(
     if dist.is_initialized():
         dist.barrier()
     return torch.from_numpy(np.load(path))
+
+
+# --------------------------------------------------------------------------------------------
+# Training plumbing shared by train_dino and train_proj
+# --------------------------------------------------------------------------------------------
+
+
+def print0(*args, **kwargs) -> None:
+    """print on rank 0 only (every rank runs the same code)."""
+    if is_main():
+        print(*args, **kwargs, flush=True)
+
+
+def cosine_schedule(
+    base: float, final: float, total: int, warmup: int = 0, start: float = 0.0
+) -> np.ndarray:
+    """One value per step: linear warm-up from `start` to `base` over `warmup` steps, then a
+    cosine to `final` (computed up front: reading a step's value costs no device sync)."""
+    warmup = min(warmup, total)
+    warm = np.linspace(start, base, warmup, endpoint=False)
+    t = np.arange(total - warmup)
+    cos = final + 0.5 * (base - final) * (1 + np.cos(np.pi * t / max(1, len(t))))
+    return np.concatenate([warm, cos])
+
+
+def param_groups(module: torch.nn.Module, weight_decay: float, **extra: Any) -> list[dict]:
+    """AdamW groups of the trainable parameters: weight decay on matrices only, none on norms,
+    biases and LayerScale (1-d); `extra` (e.g. base_lr) goes into both groups."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay, **extra},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, **extra},
+    ]
+
+
+def resume_checkpoint(path: Path, args, identity: Sequence[str]) -> dict | None:
+    """The checkpoint at `path` (None: none yet, start afresh). One made with other values of the
+    `identity` flags trained something else: refused, naming the flag."""
+    ckpt = load_checkpoint(path)
+    if ckpt is None:
+        return None
+    saved = json.loads(ckpt["args"])
+    for name in identity:
+        now = json.loads(json.dumps(getattr(args, name), default=str))
+        if saved.get(name) != now:
+            raise SystemExit(
+                f"{path}: made with --{name.replace('_', '-')} {saved.get(name)!r}, this run "
+                f"has {now!r}; use another --out to start afresh"
+            )
+    return ckpt
+
+
+def args_json(args) -> str:
+    """The run's flags as a checkpoint stores them (read back by resume_checkpoint)."""
+    return json.dumps(vars(args), default=str)
+
+
+def log_metrics(out: Path, record: dict) -> None:
+    """Append `record` as one line of out/metrics.jsonl (rank 0)."""
+    if is_main():
+        with open(Path(out) / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def check_finite(loss: float, step: int, ckpt: Path, hint: str) -> None:
+    """Stop with a clear message when the (rank-averaged) loss is not finite; every rank sees
+    the same value, so all stop together."""
+    if not np.isfinite(loss):
+        kept = ckpt if Path(ckpt).exists() else "none yet"
+        raise SystemExit(
+            f"non-finite loss ({loss}) at or before step {step}; stopped. "
+            f"Last good checkpoint: {kept}. {hint}"
+        )

@@ -755,6 +755,18 @@ def frozen_head_nll(
     )
 
 
+def lm_forward(L, batch: SocialBatch, **flags):
+    """L's decoder on an `insert_social_tokens` batch; `flags`: output_attentions,
+    output_hidden_states. No KV cache: nothing is decoded after it."""
+    return L.get_decoder()(
+        inputs_embeds=batch.inputs_embeds,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        use_cache=False,
+        **flags,
+    )
+
+
 def token_nll(model, batch: SocialBatch, compiled: bool = False) -> torch.Tensor:
     """NLL of every scored token of an `insert_social_tokens` batch under L, float32 [n_scored].
 
@@ -762,12 +774,7 @@ def token_nll(model, batch: SocialBatch, compiled: bool = False) -> torch.Tensor
     256k-wide output head (`frozen_head_nll`), so the [B, T, vocab] logits never exist.
     Row i belongs to sequence `batch.loss_row[i]`. `compiled`: see frozen_head_nll.
     """
-    hidden = model.get_decoder()(
-        inputs_embeds=batch.inputs_embeds,
-        attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids,
-        use_cache=False,  # no KV cache to fill (and none to break torch.compile's graphs)
-    ).last_hidden_state
+    hidden = lm_forward(model, batch).last_hidden_state
     h = hidden.flatten(0, 1).index_select(0, batch.loss_pos)
     softcap = getattr(model.config, "final_logit_softcapping", None)
     head = model.get_output_embeddings()

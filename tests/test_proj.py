@@ -150,14 +150,10 @@ def test_insert_layout_and_labels(tokenizer):
         assert torch.allclose(x[0][roles[0] == SOC_G][0], soc_l[:3].mean(0))
         assert torch.allclose(x[1][roles[1] == SOC_G][0], soc_l[3:].mean(0))
         assert torch.count_nonzero(x[roles == PAD]) == 0
-        # the positions handed out for analysis
-        assert (
-            batch.soc_g_pos[2] == -1
-            and (roles[:2].gather(1, batch.soc_g_pos[:2, None]) == SOC_G).all()
-        )
-        assert torch.equal(x[0, batch.soc_l_pos[0]], soc_l[:3])
-        assert torch.equal(x[1, batch.soc_l_pos[1, :2]], soc_l[3:])
-        assert batch.soc_l_pos[1, 2] == -1 and (batch.soc_l_pos[2] == -1).all()
+        # one [SOC-G] per utterance with content words, the [SOC-L] in word order
+        assert (roles == SOC_G).sum(1).tolist() == [1, 1, 0]
+        assert torch.equal(x[0, torch.nonzero(roles[0] == SOC_L).flatten()], soc_l[:3])
+        assert torch.equal(x[1, torch.nonzero(roles[1] == SOC_L).flatten()], soc_l[3:])
         # every scored label is predicted by the position before it
         flat = batch.labels.flatten()
         assert torch.equal(flat[batch.loss_pos + 1], batch.loss_targets)
@@ -288,9 +284,7 @@ def test_frozen_head_nll_in_chunks():
     t = torch.randint(0, 50, (7,))
     w = torch.rand(7, dtype=torch.float64)
     for cap in (None, 2.0):
-        nll = common._FrozenHeadCrossEntropy.apply(
-            h, head.weight, head.bias, t, cap, 3, True, False
-        )
+        nll = common.FrozenHeadCrossEntropy.apply(h, head.weight, head.bias, t, cap, 3, False)
         (g,) = torch.autograd.grad((nll * w).sum(), h)
         logits = head(h)
         if cap:
@@ -339,16 +333,19 @@ def test_gradient_reaches_g_and_V_never_L(tokenizer, tiny_encoder_dir):
     V, _ = common.load_encoder(tiny_encoder_dir)
     V.train().requires_grad_(True)
     g = common.Projector(48, 32)
-    model = train_proj.Grounding(g, V)
     items = [common.tokenize_utterance(tokenizer, u) for u in (U_SEVERAL, U_NONE)]
     frames = np.random.default_rng(0).integers(0, 255, (4, 112, 196, 3), dtype=np.uint8)
-    examples = [
-        train_proj.Example(items[0], np.array([2, 0, 2])),
-        train_proj.Example(items[1], np.zeros(0, np.int64)),
-    ]
-    inputs = train_proj.grounding_inputs(examples, None, frames, torch.device("cpu"))
-    assert inputs[0].shape == (2, 112, 196, 3) and inputs[1].tolist() == [1, 0, 1]
-    nll, n = train_proj.batch_loss(L, L.get_input_embeddings(), model, examples, inputs, "full")
+    rows = [np.array([2, 0, 2]), np.zeros(0, np.int64)]
+    cpu = torch.device("cpu")
+    # each distinct frame goes through V once; soc_l follows the words
+    seen = []
+    V.register_forward_hook(lambda m, i, o: seen.append(i[0].shape))
+    soc_l = train_proj.social_vectors(g, V, rows, None, frames, cpu)
+    assert seen == [(2, 3, 112, 196)] and soc_l.shape == (3, 32)
+    torch.testing.assert_close(soc_l[0], soc_l[2])
+    args = train_proj.get_args_parser().parse_args(["--data", "x", "--inject", "full"])
+    args.compile = False
+    nll, n = train_proj.batch_nll(L, g, V, items, rows, None, frames, args, cpu)
     (nll / n).backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in g.parameters())
     assert V.cls_token.grad.abs().sum() > 0 and V.patch_embed.proj.weight.grad.abs().sum() > 0
@@ -379,7 +376,7 @@ def test_training_lowers_val_loss_and_leaves_L_alone(
 
     out = tmp_path / "proj"
     args = proj_args(demo_data, out, tiny_lm_dir, tiny_encoder_dir, "--steps", "12", "--lr", "3e-3")
-    run = train_proj.train(train_proj.get_args_parser().parse_args(args))
+    _, L = train_proj.train_proj(train_proj.get_args_parser().parse_args(args))
     vals = [m for m in metrics(out) if "val_loss" in m]
     assert vals[0]["step"] == 0 and vals[-1]["step"] == 12
     assert vals[-1]["val_loss"] < vals[0]["val_loss"] - 0.05, vals
@@ -387,11 +384,12 @@ def test_training_lowers_val_loss_and_leaves_L_alone(
     assert all(m["tokens_per_s"] > 0 and m["mfu"] > 0 for m in train_log)
     # L's weights are bit-identical to the files it was loaded from
     saved = load_file(str(tiny_lm_dir / "model.safetensors"))
-    state = run.L.state_dict()
+    state = L.state_dict()
     assert all(torch.equal(state[k], v) for k, v in saved.items())
     # exports: g with its config, and V (cached features were used: V unchanged)
     tensors, cfg = common.load_safetensors(out / "projector.safetensors")
     assert cfg["in_dim"] == 48 and cfg["out_dim"] == 32 and cfg["inject"] == "full"
+    assert cfg["lm_dtype"] == "float32"  # what evaluate.py must load L in
     assert cfg["encoder"] == str(tiny_encoder_dir.resolve()) and not cfg["encoder_trained"]
     g = common.Projector(48, 32, cfg["depth"], cfg["hidden"])
     g.load_state_dict(tensors)

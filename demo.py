@@ -13,6 +13,7 @@ the seed. OUT/scenes.csv keeps the scene labels for probes.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -253,8 +254,9 @@ def render_demo_frame(clip: dict, t: float) -> np.ndarray:
     return np.asarray(img)
 
 
-def write_demo_video(clip: dict, path: Path) -> None:
-    """Render the clip and encode it as a real mp4 (H.264 where the PyAV wheel has libx264)."""
+def write_demo_video(clip: dict, raw: Path) -> None:
+    """Render the clip and encode it as a real mp4 (H.264 where the PyAV wheel has libx264) in
+    the folder `raw`."""
     import av
 
     def _write(tmp: str) -> None:
@@ -274,7 +276,7 @@ def write_demo_video(clip: dict, path: Path) -> None:
                 container.mux(stream.encode(frame))
             container.mux(stream.encode())
 
-    atomic_write(path, _write)
+    atomic_write(raw / f"{clip['clip_id']}.mp4", _write)
 
 
 def demo_transcript(clip: dict, fmt: int) -> tuple[str, str]:
@@ -327,10 +329,6 @@ def demo_splits(clip_ids: list[str], val_frac: float, test_frac: float) -> dict[
     }
 
 
-def _write_demo_video(arg: tuple[dict, Path]) -> None:
-    write_demo_video(*arg)
-
-
 def make_demo(args: argparse.Namespace, imap) -> None:
     """Write the demo's videos and transcripts (formats in turn) to OUT/raw/, its scene labels to
     OUT/scenes.csv and its splits to OUT/raw/splits.csv; point args at them. `imap(fn, items)`
@@ -343,9 +341,8 @@ def make_demo(args: argparse.Namespace, imap) -> None:
         atomic_write(
             raw / f"{clip['clip_id']}{suffix}", lambda tmp, text=text: Path(tmp).write_text(text)
         )
-    todo = [(c, raw / f"{c['clip_id']}.mp4") for c in clips]
-    it = imap(_write_demo_video, todo)
-    for _ in tqdm(it, total=len(todo), desc="demo videos", unit="clip"):
+    videos = imap(functools.partial(write_demo_video, raw=raw), clips)
+    for _ in tqdm(videos, total=len(clips), desc="demo videos", unit="clip"):
         pass
     scenes = ["clip_id,start,end,actor,action,target,people\n"]
     for c in clips:

@@ -48,7 +48,7 @@ def write_json_file(path: Path, obj) -> Path:
 
 
 # -------------------------------------------------------------------------------------------
-# common.py section 3: pure pieces
+# Pure pieces: common.py section 3 (words, times, tags), prep.py's letterbox and sampling
 # -------------------------------------------------------------------------------------------
 
 
@@ -116,7 +116,7 @@ def test_pos_tagging_is_in_context_and_maps_to_words():
 def test_letterbox_keeps_the_whole_frame():
     img = np.full((100, 300, 3), 255, dtype=np.uint8)
     img[:, :10] = [255, 0, 0]  # a person at the very edge must survive
-    out = common.letterbox(img, 224, 392)
+    out = prep.letterbox(img, 224, 392)
     assert out.shape == (224, 392, 3) and out.dtype == np.uint8
     rows = np.flatnonzero(out[:, 200].sum(-1) > 0)
     assert (rows[0], rows[-1] + 1) == ((224 - 131) // 2, (224 - 131) // 2 + 131)
@@ -124,12 +124,11 @@ def test_letterbox_keeps_the_whole_frame():
     assert out[112, 2, 0] > 200 and out[112, 2, 1] < 60  # the red edge is kept
 
 
-def test_frame_sampler_takes_the_first_frame_at_or_after_each_target():
-    s = prep.FrameSampler(2)
-    kept = [t for t in VFR_TIMES if s.take(Fraction(t).limit_denominator(1000))]
-    assert kept == [0, 0.9, 1.0, 1.55, 2.05, 2.5, 3.1]
-    s = prep.FrameSampler(0.5)  # one frame every 2 s
-    assert [t for t in range(7) if s.take(Fraction(t))] == [0, 2, 4, 6]
+def test_sample_takes_the_first_frame_at_or_after_each_target():
+    frames = [(Fraction(t).limit_denominator(1000), t) for t in VFR_TIMES]
+    assert [t for _, t in prep.sample(frames, 2)] == [0, 0.9, 1.0, 1.55, 2.05, 2.5, 3.1]
+    every_2s = prep.sample([(Fraction(t), t) for t in range(7)], 0.5)
+    assert [t for _, t in every_2s] == [0, 2, 4, 6]
 
 
 # -------------------------------------------------------------------------------------------
@@ -167,7 +166,8 @@ def write_transcript(folder: Path, stem: str, fmt: str) -> Path:
         (folder / f"{stem}.srt").write_text("\n".join(cues))
     else:
         cues = [f"{stamp(a)} --> {stamp(b)}\n<v {s}>{t}</v>\n" for s, t, a, b in UTTS]
-        (folder / f"{stem}.vtt").write_text("WEBVTT\n\nNOTE made by a test\n\n" + "\n".join(cues))
+        header = "WEBVTT\nKind: captions\n\nNOTE made by a test\n\n"  # header lines, a comment
+        (folder / f"{stem}.vtt").write_text(header + "\n".join(cues))
     return folder / f"{stem}.{fmt}"
 
 
@@ -250,10 +250,15 @@ def test_extracted_frames_manifest(tmp_path):
     for k in range(8):
         Image.new("RGB", (60, 40), (frame_level(k),) * 3).save(src / "frames" / f"f{k}.png")
         rows.append(f"test,talk,frames/f{k}.png,{k * 0.5}")
+        rows.append(f"{['train', 'val'][k % 2]},mixed,frames/f{k}.png,{k * 0.5}")  # two splits
     (src / "manifest.csv").write_text("\n".join(rows) + "\n")
     write_transcript(src, "talk", "srt")
+    write_transcript(src, "mixed", "srt")
     out = tmp_path / "out"
     assert run_prep("--manifest", src / "manifest.csv", "--out", out, "--fps", 1, *CANVAS) == 0
+    (skip,) = read_report(out)["clips_skipped"]  # reported once, naming the manifest
+    assert skip["file"] == str(src / "manifest.csv")
+    assert "clip 'mixed' has split(s) ['train', 'val']" in skip["reason"]
     got = common.read_manifest(out)
     assert [(r["split"], r["t_sec"]) for r in got] == [("test", float(t)) for t in range(4)]
     frames = common.open_frames(out)
@@ -280,7 +285,7 @@ def test_hash_split_is_stable_and_has_the_asked_shares():
     assert set(demo.demo_splits(ids[:3], 0.1, 0.1).values()) == {"train", "val", "test"}
 
 
-def test_splits_are_by_clip_and_a_split_file_wins(tmp_path, make_video):
+def test_splits_are_by_clip_and_a_split_file_wins(tmp_path, make_video, capsys):
     raw = tmp_path / "raw"
     raw.mkdir()
     for k in range(4):
@@ -303,6 +308,9 @@ def test_splits_are_by_clip_and_a_split_file_wins(tmp_path, make_video):
     assert got == {(f"c{k}", prep.hash_split(f"c{k}", 0.3, 0.3)) for k in range(4)}
     (tmp_path / "bad.csv").write_text("clip_id,split\nc0,test\nc0,train\n")
     assert run_prep("--videos", raw, "--out", out, "--split-file", tmp_path / "bad.csv") == 2
+    assert "bad.csv: line 3: clip 'c0' is in two splits" in capsys.readouterr().err
+    assert run_prep("--videos", raw, "--out", out, "--split-file", tmp_path / "none.csv") == 2
+    assert "none.csv: no such file" in capsys.readouterr().err
 
 
 # -------------------------------------------------------------------------------------------

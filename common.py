@@ -80,8 +80,8 @@ def tokenize_utterance(
 
 def _tokenize_turns(tokenizer, turns: Sequence[dict]) -> TokenizedUtterance:
     text, start, words = "", 0, []
-    for turn in turns:
-        text += "\n" if text or words else ""
+    for i, turn in enumerate(turns):
+        text += "\n" if i else ""
         start = len(text)
         words += [(start + a, start + b, t) for a, b, t in content_words(turn)]
         text += turn["text"]
@@ -271,8 +271,8 @@ def insert_social_tokens(
 
 class Projector(torch.nn.Module):
     """g: v_j -> [SOC-L]_p. Each [CLS] dimension is standardised with training-frame statistics
-    (`fit_input_stats_`): the [CLS] of one video share a large common part, and a per-vector
-    norm would hand the MLP nearly one input for every scene. Then `depth` linear layers, GELU."""
+    (v_mean, v_std: train_proj sets them): the [CLS] of one video share a large common part, and
+    a per-vector norm would hand the MLP nearly one input for every scene. Then an MLP."""
 
     def __init__(self, in_dim: int, out_dim: int, depth: int = 2, hidden: int | None = None):
         super().__init__()
@@ -289,33 +289,6 @@ class Projector(torch.nn.Module):
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
         return self.net((v - self.v_mean) / self.v_std)
-
-    @torch.no_grad()
-    def fit_input_stats_(self, v: torch.Tensor) -> None:
-        """Standardise with the mean and std over frames of v [N, in_dim]."""
-        std = v.float().std(0)
-        self.v_mean.copy_(v.float().mean(0))
-        self.v_std.copy_(std.clamp_min(1e-6 * std.max().item() + 1e-12))
-
-    @torch.no_grad()
-    def calibrate_(self, target_norm: float, seed: int = 0, n: int = 1024) -> None:
-        """Scale the last layer (bias 0) so that outputs have mean norm `target_norm`: g starts
-        at the scale of real token embeddings."""
-        last = self.net[-1]
-        last.bias.zero_()
-        x = torch.randn(n, self.config["in_dim"], generator=torch.Generator().manual_seed(seed))
-        last.weight.mul_(target_norm / self.net(x.to(last.weight)).norm(dim=-1).mean().item())
-
-
-@torch.no_grad()
-def embedding_norm(embed: torch.nn.Module, sample: int = 4096, seed: int = 0) -> float:
-    """Median norm of token vectors as they enter L: the output of get_input_embeddings() (Gemma
-    3 scales inside it, Gemma 1/2 later; g's vectors are spliced in at the same place)."""
-    vocab = embed.weight.shape[0]
-    ids = torch.randint(
-        0, vocab, (min(sample, vocab),), generator=torch.Generator().manual_seed(seed)
-    )
-    return embed(ids.to(embed.weight.device)).float().norm(dim=-1).median().item()
 
 
 # ============ L: the frozen LLM and its loss ============
@@ -478,8 +451,11 @@ def build_vit(
 def normalize_frames(frames: torch.Tensor) -> torch.Tensor:
     """uint8 [B, H, W, 3] (or float [B, 3, H, W] in [0, 1]) -> V's input: ImageNet mean/std."""
     x = frames.permute(0, 3, 1, 2).float().div_(255.0) if frames.dtype == torch.uint8 else frames
-    mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    # made on the device from scalars: a host-to-device copy here would sync every step
+    mean, std = (
+        torch.stack([x.new_full((), c) for c in ms]).view(1, 3, 1, 1)
+        for ms in (IMAGENET_MEAN, IMAGENET_STD)
+    )
     return (x - mean) / std
 
 
@@ -879,86 +855,6 @@ def check_finite(loss: float, step: int, ckpt: Path, hint: str) -> None:
 
 
 # ============ TEMPORARY: old names kept while the stages move to the new layout ============
-
-
-def letterbox(image, height, width):
-    from PIL import Image
-
-    h, w = image.shape[:2]
-    scale = min(height / h, width / w)
-    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-    canvas = np.zeros((height, width, 3), dtype=np.uint8)
-    resized = Image.fromarray(np.ascontiguousarray(image[..., :3])).resize((nw, nh), Image.BILINEAR)
-    top, left = (height - nh) // 2, (width - nw) // 2
-    canvas[top : top + nh, left : left + nw] = np.asarray(resized)
-    return canvas
-
-
-def _backbone_state(sd, path):
-    for key in ("teacher", "model", "state_dict"):
-        if isinstance(sd.get(key), dict):
-            sd = sd[key]
-            break
-    out = {}
-    for k, v in sd.items():
-        if not isinstance(v, torch.Tensor):
-            raise ValueError(f"{path}: entry {k!r} is not a tensor (expected a state dict of V)")
-        for prefix in ("module.", "_orig_mod.", "backbone."):
-            k = k.removeprefix(prefix)
-        out[k] = v
-    if any(k.startswith("head.") for k in out):
-        out = {k: v for k, v in out.items() if not k.startswith("head.")}
-    return out
-
-
-def load_vit_weights(V, path):
-    from timm.models.vision_transformer import checkpoint_filter_fn
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such weights file (expected .safetensors or .pth)")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        sd = load_file(str(path))
-    else:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    sd = checkpoint_filter_fn(_backbone_state(sd, path), V)
-    missing, unexpected = V.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        raise ValueError(
-            f"{path}: weights do not fit {type(V).__name__} "
-            f"(missing {missing[:5]}, unexpected {unexpected[:5]}); expected V's own state dict"
-        )
-
-
-def vit_flops(V, height, width):
-    p = V.patch_embed.patch_size
-    patches = (height // p[0]) * (width // p[1])
-    n = patches + V.num_prefix_tokens
-    d = V.embed_dim
-    flops = 2 * patches * 3 * p[0] * p[1] * d
-    for blk in V.blocks:
-        mlp = blk.mlp.fc1.out_features
-        flops += 2 * n * d * (4 * d + 2 * mlp) + 4 * n * n * d
-    return float(flops)
-
-
-_build_vit = build_vit
-
-
-def build_vit(
-    arch=DEFAULT_ARCH,
-    pretrained=False,
-    init=None,
-    layerscale_init=LAYERSCALE_INIT,
-    img_size=224,
-    **over,
-):  # noqa: F811
-    V = _build_vit(arch, pretrained, None if init else layerscale_init, img_size, **over)
-    if init:
-        load_vit_weights(V, init)
-    return V
 
 
 def features_path(V, data_dir):

@@ -1,33 +1,14 @@
 """Stage 2: fine-tune the visual encoder V by DINO self-distillation on the frames F_1..F_m.
 
-Paper §"Finetuning the visual encoder": V (DINOv2, timm `vit_small_patch14_dinov2` by default,
-`--arch vit_base_patch14_dinov2` for the paper's base model) is fine-tuned on the dataset's frames
-with the teacher-student objective of DINO (Caron et al. 2021), so that its [CLS] embedding v_j
-carries the social scene. The pieces, in the order of the DINO paper and of main_dino.py:
-
-  multi-crop     2 global crops (--global-size) + --local-crops local crops (--local-size) of each
-                 frame, made on the GPU from the uint8 frame store: crop, resize, flip and blur as
-                 batched matmuls with per-crop resampling matrices, colour ops element-wise
-  student        V + DINO head (MLP, L2-normalised bottleneck, weight-normalised last layer),
-                 sees every crop; trained with AdamW
-  teacher        the same network, an exponential moving average of the student (momentum on a
-                 cosine schedule to 1), sees only the global crops
-  loss           H(P_t(x), P_s(x')) summed over pairs of different views x != x', with the teacher
-                 output centred (a moving mean all-reduced over ranks) and sharpened (--teacher-temp)
-
-Runs as `python train_dino.py ...` (CPU or one GPU) and `torchrun --nproc_per_node=N train_dino.py
-...` (one process per GPU, multi-node through torchrun's own options). Writes under --out:
-checkpoint.pt (every --save-every steps; rerunning the same command resumes), metrics.jsonl, and at
-the end the teacher backbone as encoder.safetensors + encoder.json (common.load_encoder reads it).
-
-Defaults are DINO's ViT settings for GPUs: 64 frames per GPU, 8 local crops, lr 5e-4 per 256
-frames with 10 warm-up epochs and a cosine to 1e-6, weight decay 0.04 -> 0.4, teacher momentum
-0.996 -> 1, teacher temperature 0.04, K = 65536, per-parameter clipping at 3, last layer frozen for
-the first epoch, drop-path 0.1. Two changes: crops of 224 / 98 pixels (98 = 7 patches of 14; DINO's
-96 was for patch 16), and LayerScale started at 0.1 when V starts from random weights (README,
-common.LAYERSCALE_INIT). On a small frame set a smaller --out-dim (4096) is cheaper; a 2-core CPU
-run uses small crops (README: --batch-size 16 --global-size 112 --local-size 56 --local-crops 2
---out-dim 4096 on the 112x196 demo canvas).
+Paper §"Finetuning the visual encoder": V (DINOv2, timm `vit_small_patch14_dinov2`; the paper's
+`vit_base_patch14_dinov2` with --arch) learns DINO's objective (Caron et al. 2021) on the frames,
+so that its [CLS] embedding v_j carries the social scene. A student (V + DINO head) sees 2 global
+and --local-crops local crops of each frame (made on the GPU: end of file), its EMA the teacher
+the global ones; the loss is H(P_t(x), P_s(x')) over pairs of views x != x', P_t centred (a
+moving mean, all-reduced over ranks) and sharpened. python (CPU, one GPU) or torchrun; writes
+checkpoint.pt (rerun to resume), metrics.jsonl and the teacher's V (encoder.safetensors + .json)
+under --out. Defaults: DINO's ViT recipe for GPUs (CPU: README); a random V starts LayerScale at
+0.1, not timm's 1e-5 (which gives every frame nearly the same [CLS]).
 """
 
 from __future__ import annotations
@@ -35,399 +16,94 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
-import json
 import math
 import queue
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import safetensors.torch
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.models.vision_transformer import checkpoint_filter_fn
 from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
 
 import common
 
-STUDENT_TEMP = 0.1  # DINO's student temperature
-CENTER_MOMENTUM = 0.9  # DINO's centering momentum
-
-
-# --------------------------------------------------------------------------------------------
-# Arguments
-# --------------------------------------------------------------------------------------------
+# the flags that define what is trained: a checkpoint made with others is refused
+IDENTITY = ("arch", "depth", "embed_dim", "out_dim", "head_hidden", "bottleneck", "pretrained",
+            "init", "layerscale_init", "global_size", "local_size", "local_crops",
+            "freeze_blocks")  # fmt: skip
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--data", required=True, help="prep.py output dir (frames.npy, manifest.csv)")
-    p.add_argument("--out", required=True, help="output dir: checkpoint, metrics, encoder export")
-    p.add_argument("--splits", default="train", help="comma-separated manifest splits to train on")
-    p.add_argument("--epochs", type=float, default=100, help="passes over the frames")
-    p.add_argument(
-        "--steps", type=int, default=None, help="total optimizer steps (wins over --epochs)"
-    )
-    p.add_argument("--batch-size", type=int, default=64, help="frames per GPU (process) per step")
-    p.add_argument("--seed", type=int, default=0, help="seed of data order, crops and init")
-    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if any")
-    # model
-    p.add_argument("--arch", default=common.DEFAULT_ARCH, help="timm ViT name (V)")
-    p.add_argument("--pretrained", action="store_true", help="start from timm's hub weights")
-    p.add_argument("--init", default=None, help="start from local weights (.safetensors / .pth)")
-    p.add_argument(
-        "--layerscale-init",
-        type=float,
-        default=common.LAYERSCALE_INIT,
-        help="LayerScale gamma when starting from random weights (timm's 1e-5 gives a [CLS]\n"
-        "nearly equal for every image)",
-    )
-    p.add_argument("--depth", type=int, default=None, help="override the ViT depth (quick runs)")
-    p.add_argument(
-        "--embed-dim", type=int, default=None, help="override the ViT width, heads = width/64"
-    )
-    p.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth of the student")
-    p.add_argument("--out-dim", type=int, default=65536, help="DINO head output dimension K")
-    p.add_argument("--head-hidden", type=int, default=2048, help="DINO head MLP width")
-    p.add_argument("--bottleneck", type=int, default=256, help="DINO head bottleneck width")
-    p.add_argument(
-        "--freeze-blocks", type=int, default=0, help="freeze patch embed + first K blocks"
-    )
-    p.add_argument("--compile", action="store_true", help="torch.compile networks, crops, loss")
+    add = p.add_argument
+    # data and run
+    add("--data", required=True, help="prep.py output dir (frames.npy, manifest.csv)")
+    add("--out", required=True, help="output dir: checkpoint, metrics, encoder export")
+    add("--splits", default=["train"], type=lambda s: s.split(","), help="manifest splits (a,b)")
+    add("--epochs", type=float, default=100, help="passes over the frames")
+    add("--steps", type=int, default=None, help="total optimizer steps (wins over --epochs)")
+    add("--batch-size", type=int, default=64, help="frames per GPU (process) per step")
+    add("--seed", type=int, default=0, help="seed of data order, crops and init")
+    add("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if any")
+    # V and the DINO head
+    add("--arch", default=common.DEFAULT_ARCH, help="timm ViT name (V)")
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--pretrained", action="store_true", help="start from timm's hub weights")
+    start.add_argument("--init", default=None, help="start from local weights (.safetensors/.pth)")
+    add("--layerscale-init", type=float, default=common.LAYERSCALE_INIT, help="γ of a random V")
+    add("--depth", type=int, default=None, help="override the ViT depth (quick runs)")
+    add("--embed-dim", type=int, default=None, help="override the ViT width, heads = width/64")
+    add("--drop-path", type=float, default=0.1, help="stochastic depth of the student")
+    add("--out-dim", type=int, default=65536, help="DINO head output dimension K")
+    add("--head-hidden", type=int, default=2048, help="DINO head MLP width")
+    add("--bottleneck", type=int, default=256, help="DINO head bottleneck width")
+    add("--freeze-blocks", type=int, default=0, help="freeze patch embed + first K blocks")
+    add("--compile", action="store_true", help="torch.compile networks, crops, loss")
     # optimisation
-    p.add_argument("--lr", type=float, default=5e-4, help="peak LR per 256 frames (scaled)")
-    p.add_argument("--min-lr", type=float, default=1e-6, help="LR at the end of the cosine")
-    p.add_argument("--warmup-epochs", type=float, default=10, help="linear LR warm-up")
-    p.add_argument("--weight-decay", type=float, default=0.04, help="weight decay at the start")
-    p.add_argument("--weight-decay-end", type=float, default=0.4, help="weight decay at the end")
-    p.add_argument("--clip-grad", type=float, default=3.0, help="per-parameter grad norm clip")
-    p.add_argument(
-        "--freeze-last-layer",
-        type=float,
-        default=1,
-        help="epochs with the head's last layer frozen",
-    )
-    p.add_argument("--momentum-teacher", type=float, default=0.996, help="EMA momentum at start")
-    p.add_argument("--teacher-temp", type=float, default=0.04, help="teacher temperature")
-    p.add_argument(
-        "--warmup-teacher-temp", type=float, default=0.04, help="teacher temperature at step 0"
-    )
-    p.add_argument(
-        "--warmup-teacher-temp-epochs", type=float, default=0, help="linear teacher temp warm-up"
-    )
+    add("--lr", type=float, default=5e-4, help="peak LR per 256 frames (scaled)")
+    add("--min-lr", type=float, default=1e-6, help="LR at the end of the cosine")
+    add("--warmup-epochs", type=float, default=10, help="linear LR warm-up")
+    add("--weight-decay", type=float, default=0.04, help="weight decay at the start")
+    add("--weight-decay-end", type=float, default=0.4, help="weight decay at the end")
+    add("--clip-grad", type=float, default=3.0, help="per-parameter grad norm clip (0: off)")
+    add("--freeze-last-layer", type=float, default=1, help="epochs with the last layer frozen")
+    add("--momentum-teacher", type=float, default=0.996, help="EMA momentum at the start")
+    add("--teacher-temp", type=float, default=0.04, help="teacher temperature")
+    add("--warmup-teacher-temp", type=float, default=0.04, help="teacher temperature at step 0")
+    add("--warmup-teacher-temp-epochs", type=float, default=0, help="its linear warm-up")
     # multi-crop
-    p.add_argument("--global-size", type=int, default=224, help="global crop side (pixels)")
-    p.add_argument("--local-size", type=int, default=98, help="local crop side (pixels)")
-    p.add_argument("--local-crops", type=int, default=8, help="local crops per frame")
-    p.add_argument(
-        "--global-scale", type=float, nargs=2, default=(0.4, 1.0), help="area range, global crops"
-    )
-    p.add_argument(
-        "--local-scale", type=float, nargs=2, default=(0.05, 0.4), help="area range, local crops"
-    )
+    add("--global-size", type=int, default=224, help="global crop side (pixels)")
+    add("--local-size", type=int, default=98, help="local crop side (pixels)")
+    add("--local-crops", type=int, default=8, help="local crops per frame")
+    add("--global-scale", type=float, nargs=2, default=(0.4, 1.0), help="area range, globals")
+    add("--local-scale", type=float, nargs=2, default=(0.05, 0.4), help="area range, locals")
     # bookkeeping
-    p.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps")
-    p.add_argument("--log-every", type=int, default=10, help="log (and sync) every N steps")
+    add("--save-every", type=int, default=500, help="checkpoint every N steps")
+    add("--log-every", type=int, default=10, help="log (and sync) every N steps")
     return p.parse_args(argv)
 
 
-# --------------------------------------------------------------------------------------------
-# Schedules (one value per step, computed up front: reading one costs no device sync)
-# --------------------------------------------------------------------------------------------
-
-
-def cosine_schedule(
-    base: float, final: float, total: int, warmup: int = 0, start: float = 0.0
-) -> np.ndarray:
-    """Linear warm-up from `start` to `base` over `warmup` steps, then a cosine to `final`."""
-    warm = np.linspace(start, base, warmup, endpoint=False)
-    t = np.arange(total - warmup)
-    cos = final + 0.5 * (base - final) * (1 + np.cos(np.pi * t / max(1, len(t))))
-    return np.concatenate([warm, cos])
-
-
-def teacher_temp_schedule(start: float, final: float, total: int, warmup: int) -> np.ndarray:
-    """Teacher temperature: linear warm-up from `start` to `final`, then constant."""
-    warmup = min(warmup, total)
-    return np.concatenate([np.linspace(start, final, warmup), np.full(total - warmup, final)])
-
-
-# --------------------------------------------------------------------------------------------
-# Multi-crop augmentation on the GPU (DINO's DataAugmentationDINO, batched)
-# --------------------------------------------------------------------------------------------
-
-
-def _uniform(n: int, lo: float, hi: float, gen: torch.Generator) -> torch.Tensor:
-    return torch.empty(n, device=gen.device).uniform_(lo, hi, generator=gen)
-
-
-def _coin(n: int, p: float | torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """n Bernoulli(p) draws (p a number or one per draw) as 0/1 floats."""
-    return (torch.rand(n, device=gen.device, generator=gen) < p).float()
-
-
-def random_boxes(
-    n: int,
-    height: int,
-    width: int,
-    scale: tuple[float, float],
-    gen: torch.Generator,
-    ratio: tuple[float, float] = (3 / 4, 4 / 3),
-    tries: int = 10,
-) -> torch.Tensor:
-    """RandomResizedCrop boxes [n, 4] (x0, y0, x1, y1) in pixels: area fraction in `scale`, aspect
-    ratio log-uniform in `ratio`, the first of `tries` draws that fits the frame, placed uniformly;
-    where none fits, torchvision's fallback (the largest centred box of an allowed ratio)."""
-    area = _uniform(n * tries, *scale, gen).view(n, tries) * height * width
-    log_r = _uniform(n * tries, math.log(ratio[0]), math.log(ratio[1]), gen).view(n, tries)
-    w = (area * log_r.exp()).sqrt()
-    h = (area / log_r.exp()).sqrt()
-    fits = (w <= width) & (h <= height)
-    first = fits.float().argmax(1, keepdim=True)
-    fit = fits.any(1)
-    r = min(max(width / height, ratio[0]), ratio[1])
-    fall_w, fall_h = min(width, height * r), min(height, width / r)
-    w = torch.where(fit, w.gather(1, first).squeeze(1), fall_w)
-    h = torch.where(fit, h.gather(1, first).squeeze(1), fall_h)
-    u = torch.where(fit[:, None], torch.rand(n, 2, device=gen.device, generator=gen), 0.5)
-    x0, y0 = u[:, 0] * (width - w), u[:, 1] * (height - h)
-    return torch.stack([x0, y0, x0 + w, y0 + h], 1)
-
-
-def resample_matrix(lo: torch.Tensor, hi: torch.Tensor, n_in: int, size: int) -> torch.Tensor:
-    """[n, size, n_in]: row o of crop i is the weights over the n_in input pixels of output pixel o
-    when the span [lo[i], hi[i]) (pixel units) is resized to `size` pixels. Antialiased bilinear,
-    as PIL resizes: a triangle filter around the output pixel's centre c = lo + (o + 0.5)·step
-    (step = (hi - lo) / size), its support widened by max(1, step) when shrinking; each row is
-    renormalised to sum 1, so the frame's edge pixels take the weight that falls outside it."""
-    step = (hi - lo) / size
-    out = torch.arange(size, device=lo.device, dtype=torch.float32)
-    centre = lo[:, None] + (out + 0.5) * step[:, None]  # [n, size]
-    pixel = torch.arange(n_in, device=lo.device, dtype=torch.float32) + 0.5
-    support = step.clamp(min=1.0)[:, None, None]
-    w = (1 - (pixel - centre[..., None]).abs() / support).clamp(min=0)
-    return w / w.sum(-1, keepdim=True)
-
-
-def resized_crops(img: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """Crops of the frames img [B, H, 3·W] (a row holds its 3 channels side by side) by resampling
-    matrices in frame-major order (row i·V + v: view v of frame i), rows [B·V, S, H] and cols
-    [B·V, S, W] -> view-major crops [V·B, 3, S, S] in float32, x = rows @ frame @ colsᵀ. Two
-    batched matmuls in img's dtype; the V crops of a frame are stacked along the first matmul's
-    output rows, so no frame is copied per crop."""
-    b, h, _ = img.shape
-    n, s, w = cols.shape
-    views = n // b
-    x = torch.bmm(rows.to(img.dtype).view(b, views * s, h), img)  # [B, V·S, 3·W]
-    x = torch.bmm(x.view(n, s * 3, w), cols.to(img.dtype).mT)  # [B·V, S·3, S]
-    x = x.view(b, views, s, 3, s).permute(1, 0, 3, 2, 4)  # [V, B, 3, S, S]
-    return x.reshape(n, 3, s, s).float()
-
-
-def _luma(x: torch.Tensor) -> torch.Tensor:
-    """ITU-R 601 grey [n, 1, H, W] of RGB [n, 3, H, W] (torchvision's rgb_to_grayscale)."""
-    return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]).clamp(0, 1)
-
-
-def hue_basis(device: torch.device | str = "cpu") -> torch.Tensor:
-    """[3, 3, 3]: A, B, C with A + cos(a)·B + sin(a)·C = the RGB map turning the chroma plane
-    (I, Q) of YIQ by angle a."""
-    yiq = torch.tensor(
-        [[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
-        dtype=torch.float64,
-    )
-    inv = torch.linalg.inv(yiq)
-    keep = torch.diag(torch.tensor([1.0, 0, 0], dtype=torch.float64))
-    turn = torch.diag(torch.tensor([0, 1.0, 1], dtype=torch.float64))
-    quarter = torch.tensor([[0, 0, 0], [0, 0, -1.0], [0, 1, 0]], dtype=torch.float64)
-    return torch.stack([inv @ keep @ yiq, inv @ turn @ yiq, inv @ quarter @ yiq]).float().to(device)
-
-
-def draw_jitter(
-    n: int,
-    gen: torch.Generator,
-    p: float = 0.8,
-    strength: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1),
-) -> torch.Tensor:
-    """ColorJitter(brightness, contrast, saturation, hue = `strength`) applied with probability p:
-    [n, 4] factors (b, c, s, hue angle); images the coin skips get the identity (1, 1, 1, 0)."""
-    on = _coin(n, p, gen)
-    bcs = [1 + on * _uniform(n, -v, v, gen) for v in strength[:3]]
-    angle = on * _uniform(n, -strength[3], strength[3], gen) * 2 * math.pi
-    return torch.stack([*bcs, angle], 1)
-
-
-def color_jitter(x: torch.Tensor, factors: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
-    """Brightness, contrast, saturation, hue of [n, 3, H, W] in [0, 1] by `draw_jitter` factors,
-    in a fixed order (torchvision draws one); hue turns the chroma plane in YIQ space (`basis` =
-    hue_basis()), a linear stand-in for torchvision's HSV shift."""
-    b, c, s = (factors[:, i].view(-1, 1, 1, 1) for i in range(3))
-    x = (x * b).clamp(0, 1)
-    mean = _luma(x).mean((1, 2, 3), keepdim=True)
-    x = ((x - mean) * c + mean).clamp(0, 1)
-    grey = _luma(x)
-    x = ((x - grey) * s + grey).clamp(0, 1)
-    angle = factors[:, 3]
-    coef = torch.stack([torch.ones_like(angle), angle.cos(), angle.sin()], 1)  # [n, 3]
-    m = torch.einsum("nk,kij->nij", coef, basis)
-    return torch.einsum("nij,njhw->nihw", m, x).clamp(0, 1)
-
-
-def grayscale(x: torch.Tensor, on: torch.Tensor) -> torch.Tensor:
-    """Grey copies of the images where `on` [n] is 1 (RandomGrayscale)."""
-    return x + on.view(-1, 1, 1, 1) * (_luma(x) - x)
-
-
-def blur_matrix(sigma: torch.Tensor, size: int, radius: int) -> torch.Tensor:
-    """[n, size, size]: 1-D Gaussian blur of `size` pixels with sigma[i], truncated at `radius`,
-    reflect padding (torch's "reflect": the edge pixel is not repeated) folded in: row o holds
-    the weight of every input pixel in output pixel o."""
-    if radius >= size:
-        raise ValueError(
-            f"blur radius {radius} needs crops larger than {radius} pixels, got {size}"
-        )
-    tap = torch.arange(-radius, radius + 1, device=sigma.device)
-    k = torch.exp(-(tap.float() ** 2) / (2 * sigma[:, None].float() ** 2))
-    k = k / k.sum(1, keepdim=True)  # [n, 2r+1]
-    src = (torch.arange(size, device=sigma.device)[:, None] + tap).abs()  # [size, 2r+1]
-    src = torch.where(src > size - 1, 2 * (size - 1) - src, src)
-    reads = (src[..., None] == torch.arange(size, device=sigma.device)).float()  # [o, tap, p]
-    return torch.einsum("nt,otp->nop", k, reads)
-
-
-def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int) -> torch.Tensor:
-    """Blur image i of [n, C, H, W] with sigma[i] (a near-0 sigma leaves it as it is), separable:
-    x <- K_H @ x @ K_Wᵀ per image and channel, K = blur_matrix, in x's dtype."""
-    _, _, h, w = x.shape
-    k_h = blur_matrix(sigma, h, radius).to(x.dtype)
-    k_w = k_h if w == h else blur_matrix(sigma, w, radius).to(x.dtype)
-    return k_h[:, None] @ x @ k_w[:, None].mT
-
-
-def solarize(x: torch.Tensor, on: torch.Tensor) -> torch.Tensor:
-    """Solarize (invert pixels >= 128/255) the images where `on` [n] is 1."""
-    return torch.where((on.view(-1, 1, 1, 1) > 0) & (x >= 0.5), 1 - x, x)
-
-
-BLUR_SIGMA = (0.1, 2.0)  # DINO's GaussianBlur radius range
-BLUR_RADIUS = math.ceil(3 * BLUR_SIGMA[1])
-
-
-def _per_view(values: list[float], b: int, device: torch.device) -> torch.Tensor:
-    """One probability per row of a view-major batch (made on the device: no host copy)."""
-    return torch.cat([torch.full((b,), v, device=device) for v in values])
-
-
-def draw_views(
-    b: int,
-    views: int,
-    height: int,
-    width: int,
-    scale: tuple[float, float],
-    blur_p: list[float],
-    solarize_p: list[float],
-    gen: torch.Generator,
-) -> dict[str, torch.Tensor]:
-    """Every random choice of `views` crops of b images (view-major rows v*b + i: view v of image
-    i): crop boxes (x0, y0, x1, y1), flips, jitter factors, grey, blur sigma (per-view blur
-    probabilities; a near-0 sigma where the coin says no), solarize."""
-    n = views * b
-    dev = gen.device
-    boxes = random_boxes(n, height, width, scale, gen)
-    blur_on = _coin(n, _per_view(blur_p, b, dev), gen) > 0
-    return {
-        "boxes": boxes,
-        "flip": _coin(n, 0.5, gen),
-        "jitter": draw_jitter(n, gen),
-        "grey": _coin(n, 0.2, gen),
-        "sigma": torch.where(blur_on, _uniform(n, *BLUR_SIGMA, gen), 1e-3),
-        "solarize": _coin(n, _per_view(solarize_p, b, dev), gen),
-    }
-
-
-def _frame_major(x: torch.Tensor, b: int) -> torch.Tensor:
-    """Rows v*b + i (view-major) of x reordered to i*V + v (frame-major)."""
-    return x.view(-1, b, *x.shape[1:]).transpose(0, 1).reshape(x.shape)
-
-
-def render_views(
-    img: torch.Tensor, params: dict[str, torch.Tensor], size: int, basis: torch.Tensor
-) -> torch.Tensor:
-    """The crops of `draw_views` from frames img [B, H, 3·W] (0..255, in the matmul dtype; see
-    multi_crop) -> [n, 3, size, size] in [0, 1], float32: RandomResizedCrop (antialiased bilinear,
-    resample_matrix) and flip (its x-direction matrix reversed) as matmuls, colour jitter and
-    grayscale in float32, blur as matmuls, solarize. Deterministic given `params` (torch.compile
-    fuses it under --compile)."""
-    b, h, w = img.shape[0], img.shape[1], img.shape[2] // 3
-    boxes, flip = _frame_major(params["boxes"], b), _frame_major(params["flip"], b)
-    rows = resample_matrix(boxes[:, 1], boxes[:, 3], h, size) / 255  # to [0, 1] for free
-    cols = resample_matrix(boxes[:, 0], boxes[:, 2], w, size)
-    cols = torch.where(flip.view(-1, 1, 1) > 0, cols.flip(1), cols)
-    x = resized_crops(img, rows, cols)
-    x = grayscale(color_jitter(x, params["jitter"], basis), params["grey"])
-    x = gaussian_blur(x.to(img.dtype), params["sigma"], BLUR_RADIUS).float()
-    return solarize(x, params["solarize"])
-
-
-def frame_rows(frames: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """uint8 frames [B, H, W, 3] -> [B, H, 3·W] in `dtype` (values 0..255), each row holding its
-    3 channels side by side: the layout resized_crops reads."""
-    b, h, w, _ = frames.shape
-    return frames.permute(0, 1, 3, 2).reshape(b, h, 3 * w).to(dtype)
-
-
-_HUE_BASIS: dict[torch.device, torch.Tensor] = {}  # per device, made there once
-
-
-def multi_crop(
-    frames: torch.Tensor, args: argparse.Namespace, gen: torch.Generator, render=render_views
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 frames [B, H, W, 3] -> (global crops [2B, 3, G, G], local crops [nB, 3, L, L]),
-    view-major. DINO's recipe: global view 1 always blurred, view 2 blurred with p 0.1 and
-    solarized with p 0.2, local views blurred with p 0.5; then ImageNet normalisation. `render`:
-    render_views or its compiled form. The crop and blur matmuls run in bfloat16 on the GPU (the
-    uint8 values are exact in it, and V sees bf16 under autocast anyway), float32 on the CPU."""
-    b, h, w, _ = frames.shape
-    img = frame_rows(frames, torch.bfloat16 if frames.device.type == "cuda" else torch.float32)
-    if img.device not in _HUE_BASIS:
-        _HUE_BASIS[img.device] = hue_basis(img.device)
-    basis = _HUE_BASIS[img.device]
-    n = args.local_crops
-    g = draw_views(b, 2, h, w, args.global_scale, [1.0, 0.1], [0.0, 0.2], gen)
-    loc = draw_views(b, n, h, w, args.local_scale, [0.5] * n, [0.0] * n, gen)
-    return (
-        common.normalize_frames(render(img, g, args.global_size, basis)),
-        common.normalize_frames(render(img, loc, args.local_size, basis)),
-    )
-
-
-# --------------------------------------------------------------------------------------------
-# Student, teacher, DINO head and loss
-# --------------------------------------------------------------------------------------------
+# ============ DINO: head, loss, centre, EMA, clipping, schedules; student, V, FLOPs ============
 
 
 class DINOHead(nn.Module):
     """DINO's projection head: a 3-layer MLP (GELU) to a bottleneck, L2-normalised, then a
-    weight-normalised linear layer to K = out_dim logits (rows of norm 1: weight_norm with g = 1)."""
+    weight-normalised linear layer to K = out_dim logits (rows of norm 1: weight_norm, g = 1)."""
 
-    def __init__(
-        self, in_dim: int, out_dim: int, hidden: int = 2048, bottleneck: int = 256
-    ) -> None:
+    def __init__(self, in_dim: int, out_dim: int, hidden: int = 2048, bottleneck: int = 256):
         super().__init__()
-        self.mlp = nn.Sequential(
-            nn.Linear(in_dim, hidden),
-            nn.GELU(),
-            nn.Linear(hidden, hidden),
-            nn.GELU(),
-            nn.Linear(hidden, bottleneck),
-        )
-        for m in self.mlp:
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
+        dims = (in_dim, hidden, hidden, bottleneck)
+        layers = [nn.Linear(dims[i], dims[i + 1]) for i in range(3)]
+        self.mlp = nn.Sequential(layers[0], nn.GELU(), layers[1], nn.GELU(), layers[2])
+        for m in layers:
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            nn.init.zeros_(m.bias)
         self.last_layer = nn.Linear(bottleneck, out_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -436,8 +112,7 @@ class DINOHead(nn.Module):
 
 
 class MultiCropNet(nn.Module):
-    """V + head over crop sets of different sizes (DINO's MultiCropWrapper): one backbone pass per
-    size, the [CLS] embeddings concatenated in view-major order, one head pass."""
+    """V + head (DINO's MultiCropWrapper): V once per crop size, the head once on all [CLS]."""
 
     def __init__(self, backbone: nn.Module, head: DINOHead) -> None:
         super().__init__()
@@ -447,13 +122,7 @@ class MultiCropNet(nn.Module):
         return self.head(torch.cat([self.backbone(x) for x in crops]))
 
 
-def dino_loss(
-    student_out: torch.Tensor,
-    teacher_out: torch.Tensor,
-    center: torch.Tensor,
-    teacher_temp: float | torch.Tensor,
-    student_temp: float = STUDENT_TEMP,
-) -> torch.Tensor:
+def dino_loss(student_out, teacher_out, center, teacher_temp, student_temp=0.1):
     """DINO's loss: mean over pairs (teacher view i, student view v), v != i, of the cross-entropy
     H(P_t, P_s) = -sum_k P_t log P_s, with P_t = softmax((t - center) / teacher_temp) (centred
     and sharpened, no gradient) and P_s = softmax(s / student_temp). Rows are view-major:
@@ -472,19 +141,14 @@ def dino_loss(
 
 
 @torch.no_grad()
-def update_center(
-    center: torch.Tensor, teacher_out: torch.Tensor, momentum: float = CENTER_MOMENTUM
-) -> torch.Tensor:
-    """center <- m * center + (1 - m) * mean of the teacher outputs of the whole global batch
-    (the per-rank means all-reduced: every rank holds the same center)."""
+def update_center(center, teacher_out, momentum: float = 0.9) -> torch.Tensor:
+    """center <- m·center + (1 - m)·mean teacher output of the global batch (all ranks' mean)."""
     batch_center = common.all_reduce_mean(teacher_out.float().mean(0, keepdim=True))
     return center * momentum + batch_center * (1 - momentum)
 
 
 @torch.no_grad()
-def ema_update(
-    teacher_params: list[torch.Tensor], student_params: list[torch.Tensor], m: float
-) -> None:
+def ema_update(teacher_params: list[torch.Tensor], student_params: list[torch.Tensor], m: float):
     """Teacher = EMA of the student: theta_t <- m * theta_t + (1 - m) * theta_s (one lerp)."""
     torch._foreach_lerp_(teacher_params, [p.detach() for p in student_params], 1 - m)
 
@@ -497,17 +161,27 @@ def clip_gradients(params: list[torch.Tensor], clip: float) -> None:
     torch._foreach_mul_(grads, (clip / (norms + 1e-6)).clamp(max=1.0).unbind())
 
 
-def param_groups(model: nn.Module) -> list[dict]:
-    """Trainable parameters, with weight decay except on norms, biases and LayerScale (1-d)."""
-    decay, plain = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (plain if p.ndim == 1 or name.endswith(".bias") else decay).append(p)
-    return [{"params": decay}, {"params": plain, "weight_decay": 0.0}]
+def schedules(args, total: int, steps_per_epoch: int, world: int, device) -> dict:
+    """DINO's, one value per step: LR (peak --lr x global batch / 256) and weight decay, momentum
+    cosine to 1, teacher temperature (on the device: no copy to read), last layer frozen or not."""
+
+    def in_steps(epochs: float) -> int:
+        return min(total, round(epochs * steps_per_epoch))
+
+    peak_lr = args.lr * args.batch_size * world / 256
+    warm = in_steps(args.warmup_teacher_temp_epochs)
+    temp = [np.linspace(args.warmup_teacher_temp, args.teacher_temp, warm)]  # then constant:
+    temp.append(np.full(total - warm, args.teacher_temp))
+    return {
+        "lr": common.cosine_schedule(peak_lr, args.min_lr, total, in_steps(args.warmup_epochs)),
+        "weight_decay": common.cosine_schedule(args.weight_decay, args.weight_decay_end, total),
+        "momentum": common.cosine_schedule(args.momentum_teacher, 1.0, total),
+        "teacher_temp": torch.tensor(np.concatenate(temp), dtype=torch.float32, device=device),
+        "freeze_last_layer": np.arange(total) < in_steps(args.freeze_last_layer),
+    }
 
 
-def vit_overrides(args: argparse.Namespace) -> dict:
-    """timm size overrides from --depth / --embed-dim (heads of 64 channels)."""
+def vit_overrides(args: argparse.Namespace) -> dict:  # timm's, from --depth / --embed-dim
     over = {} if args.depth is None else {"depth": args.depth}
     if args.embed_dim is not None:
         over.update(embed_dim=args.embed_dim, num_heads=max(1, args.embed_dim // 64))
@@ -515,93 +189,111 @@ def vit_overrides(args: argparse.Namespace) -> dict:
 
 
 def build_networks(args: argparse.Namespace) -> tuple[MultiCropNet, MultiCropNet]:
-    """Student (V + head, drop-path, first --freeze-blocks blocks frozen) and teacher (a copy:
-    same start, no gradient, eval mode so drop-path is off)."""
-    V = common.build_vit(
-        args.arch,
-        pretrained=args.pretrained,
-        init=args.init,
-        layerscale_init=args.layerscale_init,
-        img_size=args.global_size,
-        drop_path_rate=args.drop_path,
-        **vit_overrides(args),
-    )
-    if args.freeze_blocks > 0:
-        for part in [V.patch_embed, *V.blocks[: args.freeze_blocks]]:
+    """Student (V + DINO head) and teacher (a copy: no gradient, eval mode so no drop-path)."""
+    layerscale = None if args.init else args.layerscale_init  # --init: the file's LayerScale
+    V = common.build_vit(args.arch, pretrained=args.pretrained, layerscale_init=layerscale,
+                         img_size=args.global_size, drop_path_rate=args.drop_path,
+                         **vit_overrides(args))  # fmt: skip
+    if args.init:
+        load_vit_weights(V, args.init)
+    if args.freeze_blocks > 0:  # patch embedding, [CLS], register and position tokens, K blocks
+        tokens = [getattr(V, name, None) for name in ("cls_token", "pos_embed", "reg_token")]
+        tokens = [t for t in tokens if isinstance(t, nn.Parameter)]
+        for part in [V.patch_embed, *tokens, *V.blocks[: args.freeze_blocks]]:
             part.requires_grad_(False)
-        for name in ("cls_token", "pos_embed", "reg_token"):
-            if isinstance(getattr(V, name, None), nn.Parameter):
-                getattr(V, name).requires_grad_(False)
-    student = MultiCropNet(
-        V, DINOHead(V.embed_dim, args.out_dim, args.head_hidden, args.bottleneck)
-    )
-    teacher = copy.deepcopy(student).eval().requires_grad_(False)
-    return student, teacher
+    head = DINOHead(V.embed_dim, args.out_dim, args.head_hidden, args.bottleneck)
+    student = MultiCropNet(V, head)
+    return student, copy.deepcopy(student).eval().requires_grad_(False)
+
+
+def _backbone_state(sd: dict, path: Path) -> dict[str, torch.Tensor]:
+    """V's weights out of the layouts they come in: a DINO/train_dino checkpoint ({"teacher": ...},
+    "backbone." / "module." / "_orig_mod." prefixes, a DINO head beside) or a plain state dict."""
+    inner = [sd[k] for k in ("teacher", "model", "state_dict") if isinstance(sd.get(k), dict)]
+    sd = inner[0] if inner else sd
+    out = {}
+    for k, v in sd.items():
+        if not isinstance(v, torch.Tensor):
+            raise ValueError(f"{path}: entry {k!r} is not a tensor (expected a state dict of V)")
+        for prefix in ("module.", "_orig_mod.", "backbone."):
+            k = k.removeprefix(prefix)
+        if not k.startswith("head."):  # the DINO head rides along in checkpoints
+            out[k] = v
+    return out
+
+
+def load_vit_weights(V: nn.Module, path: str | Path) -> None:
+    """Load local weights into V (--init): .safetensors (train_dino's export) or a torch file read
+    with weights_only=True (DINOv2 .pth, DINO checkpoints, timm state dicts)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such weights file (expected .safetensors or .pth)")
+    if path.suffix == ".safetensors":
+        sd = safetensors.torch.load_file(str(path))
+    else:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    sd = checkpoint_filter_fn(_backbone_state(sd, path), V)  # resamples position embeddings
+    missing, unexpected = V.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}: weights do not fit {type(V).__name__} (missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}); expected V's own state dict")  # fmt: skip
+
+
+def vit_flops(V: nn.Module, height: int, width: int) -> float:
+    """Forward FLOPs of V on one height×width image (2 per multiply-add): patch embedding, then per
+    block qkv/proj/MLP matmuls (2·N·D·(4D + 2·mlp)) and attention (4·N²·D), N tokens."""
+    p = V.patch_embed.patch_size
+    patches = (height // p[0]) * (width // p[1])
+    n, d = patches + V.num_prefix_tokens, V.embed_dim
+    flops = 2 * patches * 3 * p[0] * p[1] * d
+    for blk in V.blocks:
+        flops += 2 * n * d * (4 * d + 2 * blk.mlp.fc1.out_features) + 4 * n * n * d
+    return float(flops)
 
 
 def step_flops(V: nn.Module, head: DINOHead, args: argparse.Namespace) -> float:
-    """Model FLOPs per frame of one step, counted per crop resolution: the student's forward and
-    backward (3x forward) over 2 global + n local crops, the teacher's forward over the globals."""
-    head_f = 2.0 * sum(
-        m.in_features * m.out_features for m in head.modules() if isinstance(m, nn.Linear)
-    )
-    glob = common.vit_flops(V, args.global_size, args.global_size) + head_f
-    loc = common.vit_flops(V, args.local_size, args.local_size) + head_f
+    """Model FLOPs per frame of one step, per crop resolution: the student's forward and backward
+    (3x forward) over 2 global + n local crops, the teacher's forward over the globals."""
+    linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
+    head_f = 2.0 * sum(m.in_features * m.out_features for m in linears)
+    glob, loc = (vit_flops(V, s, s) + head_f for s in (args.global_size, args.local_size))
     return 3 * (2 * glob + args.local_crops * loc) + 2 * glob
 
 
-def mfu_dtype(device: torch.device) -> torch.dtype:
-    """The dtype the step's matmuls run in: bf16 under autocast on CUDA, fp32 on the CPU."""
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
-# --------------------------------------------------------------------------------------------
-# Data: frames of the training splits, per-rank batches, a reader thread
-# --------------------------------------------------------------------------------------------
-
-
-def train_frame_ids(data_dir: str | Path, splits: list[str]) -> np.ndarray:
-    """Rows of frames.npy listed in manifest.csv under `splits` (sorted, unique)."""
-    rows = common.read_manifest(data_dir)
-    ids = sorted({r["frame_idx"] for r in rows if r["split"] in splits})
-    if not ids:
-        found = sorted({r["split"] for r in rows})
-        raise ValueError(
-            f"{Path(data_dir) / 'manifest.csv'}: no frames in split(s) {splits}; it has {found}"
-        )
-    return np.asarray(ids, dtype=np.int64)
+# ============ frame batches: training frames, each rank's share of a step, a reader ============
 
 
 class FrameBatches:
-    """The frames of each step. Every epoch is a permutation of the training frames drawn from
-    (seed, epoch), cut into global batches of batch*world; rank r takes rows [r*B, (r+1)*B) of
-    each (DistributedSampler's shards, by blocks). A function of the step alone: a resumed run
-    sees the same data, and world*B on N ranks sees the data of batch N*B on one."""
+    """The frames of each step: the manifest's frames in `splits`, permuted in epoch e by (seed, e),
+    cut into global batches of batch*world, rank r taking rows [r*B, (r+1)*B). A function of the
+    step: a resumed run sees the same data, and N ranks of B see what one of N*B sees."""
 
-    def __init__(self, ids: np.ndarray, batch: int, rank: int, world: int, seed: int) -> None:
-        self.ids, self.batch, self.rank, self.world, self.seed = ids, batch, rank, world, seed
-        self.steps_per_epoch = len(ids) // (batch * world)
-        if self.steps_per_epoch == 0:
+    def __init__(self, data_dir, splits: list[str], batch, rank, world, seed: int) -> None:
+        rows = common.read_manifest(data_dir)
+        self.ids = np.array(sorted({r["frame_idx"] for r in rows if r["split"] in splits}))
+        if len(self.ids) == 0:
+            found = sorted({r["split"] for r in rows})
             raise ValueError(
-                f"{len(ids)} training frames cannot fill one step of {batch} frames x {world} "
-                "ranks: lower --batch-size"
+                f"{data_dir}/manifest.csv: no frames in split(s) {splits}; it has {found}"
             )
-        self._epoch, self._perm = -1, ids
+        self.batch, self.rank, self.world, self.seed = batch, rank, world, seed
+        self.steps_per_epoch = len(self.ids) // (batch * world)
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{len(self.ids)} training frames cannot fill one step of {batch} "
+                             f"frames x {world} ranks: lower --batch-size")  # fmt: skip
+        self._epoch, self._perm = -1, self.ids
 
     def __call__(self, step: int) -> np.ndarray:
         epoch, j = divmod(step, self.steps_per_epoch)
         if epoch != self._epoch:
-            self._epoch = epoch
-            self._perm = self.ids[
-                np.random.default_rng([self.seed, epoch]).permutation(len(self.ids))
-            ]
+            rng = np.random.default_rng([self.seed, epoch])
+            self._epoch, self._perm = epoch, self.ids[rng.permutation(len(self.ids))]
         lo = (j * self.world + self.rank) * self.batch
         return np.sort(self._perm[lo : lo + self.batch])  # sorted: sequential memmap reads
 
 
 def prefetch(frames: np.ndarray, batches: FrameBatches, start: int, stop: int, pin: bool):
-    """Yield the uint8 frames [B, H, W, 3] of steps start..stop-1, read from the memmap (pinned
-    when `pin`) by a background thread up to 3 steps ahead of the GPU."""
+    """The uint8 frames [B, H, W, 3] of steps start..stop-1, read (and pinned) by a thread ahead."""
     q: queue.Queue = queue.Queue(maxsize=3)
 
     def read() -> None:
@@ -621,247 +313,305 @@ def prefetch(frames: np.ndarray, batches: FrameBatches, start: int, stop: int, p
 
 
 def seed_step(seed: int, step: int, rank: int, gen: torch.Generator) -> None:
-    """Seed every draw of one step (crops into `gen`, drop-path from torch's global RNG) from
-    (seed, step, rank): the RNG state is a function of the step, so a resumed run draws exactly
-    what an uninterrupted one would, on every rank, without carrying generator states."""
+    """Seed every draw of a step (crops into `gen`, drop-path from torch's global RNG) from (seed,
+    step, rank): a resumed run draws what an uninterrupted one would, with no generator states."""
     aug, drop = np.random.SeedSequence([seed, step, rank]).generate_state(2)
     gen.manual_seed(int(aug))
     torch.manual_seed(int(drop))
 
 
-# --------------------------------------------------------------------------------------------
-# The training loop
-# --------------------------------------------------------------------------------------------
+# ============ one step, and the training run ============
 
 
-@dataclass
-class Run:
-    """What one training step needs: networks, optimizer, center and the per-step schedules."""
-
-    student: MultiCropNet
-    teacher: MultiCropNet
-    student_fwd: nn.Module  # the student as called: compiled and/or wrapped in DDP
-    teacher_fwd: nn.Module
-    render: Callable  # render_views, compiled under --compile
-    loss: Callable  # dino_loss, compiled under --compile
-    opt: torch.optim.Optimizer
-    center: torch.Tensor
-    lr: np.ndarray
-    wd: np.ndarray
-    momentum: np.ndarray
-    temp: torch.Tensor  # on the device: indexing it costs no copy, and a compiled loss
-    frozen_last_until: int  # steps with the head's last layer frozen
-    clip_grad: float
-    device: torch.device
-
-
-def build_run(
-    args: argparse.Namespace, device: torch.device, world: int, steps_per_epoch: int, total: int
-) -> Run:
-    """Networks (seeded: every rank starts the same), AdamW (fused on CUDA) and the schedules of
-    DINO: cosine LR with linear warm-up (peak --lr scaled by the global batch / 256), cosine weight
-    decay, cosine teacher momentum to 1, teacher temperature warm-up."""
-
-    def in_steps(epochs: float) -> int:
-        return min(total, round(epochs * steps_per_epoch))
-
-    common.seed_everything(args.seed)
-    student, teacher = build_networks(args)
-    student.to(device)
-    teacher.to(device)
-    # static shapes: one graph per crop size, not one dynamic graph for both
-    maybe_compile = functools.partial(torch.compile, dynamic=False) if args.compile else _same
-    student_fwd = maybe_compile(student)
-    if dist.is_initialized() and dist.get_world_size() > 1:  # DDP all-reduces the gradients:
-        ids = [device.index] if device.type == "cuda" else None  # the student's forward goes
-        student_fwd = DDP(student_fwd, device_ids=ids)  # through it, not through .module
-    peak_lr = args.lr * args.batch_size * world / 256
-    return Run(
-        student=student,
-        teacher=teacher,
-        student_fwd=student_fwd,
-        teacher_fwd=maybe_compile(teacher),
-        render=maybe_compile(render_views),
-        loss=maybe_compile(dino_loss),
-        opt=torch.optim.AdamW(param_groups(student), lr=0.0, fused=device.type == "cuda"),
-        center=torch.zeros(1, args.out_dim, device=device),
-        lr=cosine_schedule(peak_lr, args.min_lr, total, in_steps(args.warmup_epochs)),
-        wd=cosine_schedule(args.weight_decay, args.weight_decay_end, total),
-        momentum=cosine_schedule(args.momentum_teacher, 1.0, total),
-        temp=torch.tensor(
-            teacher_temp_schedule(
-                args.warmup_teacher_temp,
-                args.teacher_temp,
-                total,
-                in_steps(args.warmup_teacher_temp_epochs),
-            ),
-            dtype=torch.float32,
-            device=device,
-        ),
-        frozen_last_until=in_steps(args.freeze_last_layer),
-        clip_grad=args.clip_grad,
-        device=device,
-    )
-
-
-def _same(f: Callable) -> Callable:
-    return f
-
-
-def train_step(run: Run, step: int, globals_: torch.Tensor, locals_: torch.Tensor) -> torch.Tensor:
-    """One DINO step on a batch of crops; returns the loss (a device tensor: no host sync)."""
-    for group in run.opt.param_groups:
-        group["lr"] = float(run.lr[step])
-    run.opt.param_groups[0]["weight_decay"] = float(run.wd[step])
-    with torch.autocast(run.device.type, torch.bfloat16, enabled=run.device.type == "cuda"):
+def train_step(student, teacher, opt, loss_fn, center, sched, step, globals_, locals_, clip_grad):
+    """One DINO step. `student` and `teacher` as called (compiled, the student in DDP), `sched`
+    from schedules(). Returns (loss, new centre), device tensors: no host sync."""
+    for group in opt.param_groups:
+        group["lr"] = float(sched["lr"][step])
+    opt.param_groups[0]["weight_decay"] = float(sched["weight_decay"][step])  # 1: no decay
+    with torch.autocast(globals_.device.type, torch.bfloat16, enabled=globals_.is_cuda):
         with torch.no_grad():
-            t_out = run.teacher_fwd(globals_)
-        s_out = run.student_fwd(globals_, locals_)
-    loss = run.loss(s_out, t_out, run.center, run.temp[step])
-    run.opt.zero_grad(set_to_none=True)
+            t_out = teacher(globals_)  # the teacher sees the 2 global views only
+        s_out = student(globals_, locals_)
+    loss = loss_fn(s_out, t_out, center, sched["teacher_temp"][step])
+    opt.zero_grad(set_to_none=True)
     loss.backward()
-    if run.clip_grad > 0:
-        clip_gradients([p for p in run.student.parameters() if p.requires_grad], run.clip_grad)
-    if step < run.frozen_last_until:  # DINO: the last layer learns only after the first epoch
-        for p in run.student.head.last_layer.parameters():
-            p.grad = None
-    run.opt.step()
-    ema_update(
-        list(run.teacher.parameters()), list(run.student.parameters()), float(run.momentum[step])
-    )
-    run.center = update_center(run.center, t_out)
-    return loss.detach()
+    params = dict(student.named_parameters())
+    if clip_grad > 0:
+        clip_gradients([p for p in params.values() if p.requires_grad], clip_grad)
+    if sched["freeze_last_layer"][step]:  # DINO: the last layer learns after the first epoch
+        for name, p in params.items():
+            if "last_layer" in name:
+                p.grad = None
+    opt.step()
+    ema_update(list(teacher.parameters()), list(params.values()), float(sched["momentum"][step]))
+    return loss.detach(), update_center(center, t_out)
 
 
-def checkpoint_state(run: Run, step: int, args: argparse.Namespace) -> dict:
-    """Everything a resume needs. The RNG state is (--seed, step): see seed_step."""
-    return {
-        "student": run.student.state_dict(),
-        "teacher": run.teacher.state_dict(),
-        "optimizer": run.opt.state_dict(),
-        "center": run.center.cpu(),
-        "step": step,
-        "args": json.dumps(vars(args)),
-    }
-
-
-def resume(run: Run, ckpt: dict, args: argparse.Namespace) -> int:
-    """Load a checkpoint into `run`; return its step."""
-    run.student.load_state_dict(ckpt["student"])
-    run.teacher.load_state_dict(ckpt["teacher"])
-    run.opt.load_state_dict(ckpt["optimizer"])
-    run.center = ckpt["center"].to(run.device)
-    changed = {k: v for k, v in json.loads(ckpt["args"]).items() if vars(args).get(k, v) != v}
-    if changed and common.is_main():
-        print(f"train_dino: flags differ from the checkpoint's (now in force): {changed}")
-    return ckpt["step"]
-
-
-def train(args: argparse.Namespace) -> Run:
-    """Run (or resume) DINO training and export the teacher backbone; return this rank's Run."""
-    from tqdm import tqdm
-
+def train_dino(args: argparse.Namespace) -> dict:
+    """Train (or resume) DINO, export the teacher's V; return this rank's last checkpoint state."""
     rank, world, device = common.setup_distributed(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    ckpt_path, cuda = out / "checkpoint.pt", device.type == "cuda"
+
+    # ============ preparing data ... ============
     frames = common.open_frames(args.data)
-    ids = train_frame_ids(args.data, args.splits.split(","))
-    batches = FrameBatches(ids, args.batch_size, rank, world, args.seed)
+    batches = FrameBatches(args.data, args.splits, args.batch_size, rank, world, args.seed)
     spe = batches.steps_per_epoch
     total = args.steps or max(1, round(args.epochs * spe))
-    run = build_run(args, device, world, spe, total)
-    ckpt_path = out / "checkpoint.pt"
-    ckpt = common.load_checkpoint(ckpt_path)
-    start = resume(run, ckpt, args) if ckpt is not None else 0
-    last_good = start if ckpt is not None else None
-    if common.is_main():
-        print(
-            f"train_dino: {len(ids)} frames, {world} process(es) x {args.batch_size}, "
-            f"{spe} steps/epoch, steps {start}->{total}"
-        )
-    flops = step_flops(run.student.backbone, run.student.head, args)
-    peak = common.matmul_peak_tflops(device, mfu_dtype(device))
+
+    # ============ building student and teacher networks ... ============
+    common.seed_everything(args.seed)  # every rank starts from the same weights
+    student, teacher = (net.to(device) for net in build_networks(args))
+    nets = [student, teacher, dino_loss, render_views]
+    if args.compile:  # static shapes: one graph per crop size, not one dynamic graph for both
+        nets = [torch.compile(f, dynamic=False) for f in nets]
+    student_fwd, teacher_fwd, loss_fn, render = nets
+    if world > 1:  # DDP all-reduces the gradients: the student is called through it, not .module
+        student_fwd = DDP(student_fwd, device_ids=[device.index] if cuda else None)
+
+    # ============ optimizer and schedules ... ============
+    opt = torch.optim.AdamW(common.param_groups(student, args.weight_decay), lr=0.0, fused=cuda)
+    sched = schedules(args, total, spe, world, device)
+    center = torch.zeros(1, args.out_dim, device=device)
+
+    # ============ optionally resume training ... ============
+    state, start = common.resume_checkpoint(ckpt_path, args, IDENTITY), 0  # RNG: (seed, step)
+    if state is not None:
+        student.load_state_dict(state["student"])
+        teacher.load_state_dict(state["teacher"])
+        opt.load_state_dict(state["optimizer"])
+        center, start = state["center"].to(device), state["step"]
+    common.print0(f"train_dino: {len(batches.ids)} frames, {world} x {args.batch_size} a step, "
+                  f"{spe} steps/epoch, steps {start}->{total}")  # fmt: skip
+
+    # ============ training ... ============
+    flops = step_flops(student.backbone, student.head, args)  # per frame
+    peak = common.matmul_peak_tflops(device, torch.bfloat16 if cuda else torch.float32)
     gen = torch.Generator(device)
-    loss_sum = torch.zeros((), device=device)
-    bad_step = torch.full((), -1, dtype=torch.long, device=device)  # first non-finite loss
+    loss_sum, n_log, t_log = torch.zeros((), device=device), 0, time.perf_counter()
     bar = tqdm(total=total, initial=start, desc="train_dino", disable=not common.is_main())
-    t_log, n_log = time.perf_counter(), 0
-
-    def check_finite() -> None:
-        """All ranks stop together on a non-finite loss (a host sync: only at logs and saves)."""
-        flag = bad_step.clone()
-        if world > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() >= 0:
-            kept = f"{ckpt_path} (step {last_good})" if last_good is not None else "none yet"
-            raise SystemExit(
-                f"train_dino: non-finite DINO loss at step {flag.item()}; stopped. "
-                f"Last good checkpoint: {kept}. Lower --lr or raise --warmup-epochs."
-            )
-
-    reader = prefetch(frames, batches, start, total, pin=device.type == "cuda")
-    for step, batch in enumerate(reader, start=start):
+    for step, batch in enumerate(prefetch(frames, batches, start, total, pin=cuda), start=start):
         seed_step(args.seed, step, rank, gen)
         with torch.no_grad():
-            globals_, locals_ = multi_crop(
-                batch.to(device, non_blocking=True), args, gen, run.render
-            )
-        loss = train_step(run, step, globals_, locals_)
+            globals_, locals_ = multi_crop(batch.to(device, non_blocking=True), args, gen, render)
+        loss, center = train_step(student_fwd, teacher_fwd, opt, loss_fn, center, sched, step,
+                                  globals_, locals_, args.clip_grad)  # fmt: skip
         loss_sum += loss
-        bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), step, bad_step)
         done, n_log = step + 1, n_log + 1
         bar.update(1)
-        if done % args.log_every == 0 or done == total:
-            check_finite()
-            mean_loss = common.all_reduce_mean(loss_sum / n_log).item()
+        last = done == total
+        log, save = last or done % args.log_every == 0, last or done % args.save_every == 0
+        if not (log or save):
+            continue
+        # host syncs at logs and saves only; a non-finite loss in the window makes its mean so
+        mean_loss = common.all_reduce_mean(loss_sum / n_log).item()
+        common.check_finite(mean_loss, done, ckpt_path, "Lower --lr or raise --warmup-epochs.")
+        if log:
             ips = args.batch_size * n_log / (time.perf_counter() - t_log)
-            if ips * flops > peak * 1e12:  # the peak was measured while others used the CPU
-                peak = max(peak, common.matmul_peak_tflops(device, mfu_dtype(device)))
-            record = {
-                "step": done,
-                "epoch": done / spe,
-                "loss": mean_loss,
-                "lr": float(run.lr[step]),
-                "weight_decay": float(run.wd[step]),
-                "momentum": float(run.momentum[step]),
-                "teacher_temp": float(run.temp[step]),
-                "images_per_s_per_device": ips,
-                "images_per_s": ips * world,
-                "mfu": ips * flops / (peak * 1e12),
-                "peak_mem_gb": common.peak_memory_gb(device),
-            }
-            if common.is_main():
-                with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
-                    f.write(json.dumps(record) + "\n")
-                bar.set_postfix(
-                    loss=f"{mean_loss:.4f}", ips=f"{ips:.1f}", mfu=f"{record['mfu']:.1%}"
-                )
+            record = {"step": done, "epoch": done / spe, "loss": mean_loss}
+            record.update({k: float(v[step]) for k, v in sched.items() if k != "freeze_last_layer"})
+            mfu = ips * flops / (peak * 1e12)
+            record.update(images_per_s_per_device=ips, images_per_s=ips * world, mfu=mfu)
+            record["peak_mem_gb"] = common.peak_memory_gb(device)
+            common.log_metrics(out, record)
+            bar.set_postfix(loss=f"{mean_loss:.4f}", ips=f"{ips:.1f}", mfu=f"{mfu:.1%}")
             loss_sum.zero_()
             t_log, n_log = time.perf_counter(), 0
-        if done % args.save_every == 0 or done == total:
-            check_finite()
+        if save:
+            state = {"student": student.state_dict(), "teacher": teacher.state_dict(),
+                     "optimizer": opt.state_dict(), "center": center.cpu(), "step": done,
+                     "args": common.args_json(args)}  # fmt: skip
             if common.is_main():
-                common.save_checkpoint(ckpt_path, checkpoint_state(run, done, args))
-            last_good = done
+                common.save_checkpoint(ckpt_path, state)
     bar.close()
+
+    # ============ export the teacher's V ... ============
     if common.is_main():
-        cfg = {
-            "arch": args.arch,
-            "img_size": args.global_size,
-            "layerscale_init": args.layerscale_init,
-            "overrides": vit_overrides(args),
-            "start": "pretrained" if args.pretrained else (args.init or "random"),
-            "steps": total,
-            "trained_by": "train_dino.py",
-        }
-        print(f"train_dino: wrote {common.export_encoder(run.teacher.backbone, out, cfg)}")
-    return run
+        cfg = {"arch": args.arch, "img_size": args.global_size, "steps": total,
+               "layerscale_init": args.layerscale_init, "overrides": vit_overrides(args),
+               "start": "pretrained" if args.pretrained else (args.init or "random"),
+               "trained_by": "train_dino.py"}  # fmt: skip
+        print(f"train_dino: wrote {common.export_encoder(teacher.backbone, out, cfg)}")
+    return state
+
+
+# ============ multi-crop on the GPU (DINO's DataAugmentationDINO, batched) ============
+# crop, resize, flip and blur as matmuls with per-crop resampling matrices; colour element-wise
+
+BLUR_SIGMA = (0.1, 2.0)  # DINO's GaussianBlur radius range
+BLUR_RADIUS = math.ceil(3 * BLUR_SIGMA[1])
+
+
+def _uniform(n: int, lo: float, hi: float, gen: torch.Generator) -> torch.Tensor:
+    return torch.empty(n, device=gen.device).uniform_(lo, hi, generator=gen)
+
+
+def _coin(n: int, p, gen: torch.Generator) -> torch.Tensor:  # Bernoulli(p) as 0/1, p [n] or one
+    return (torch.rand(n, device=gen.device, generator=gen) < p).float()
+
+
+def random_boxes(n, height, width, scale, gen, ratio=(3 / 4, 4 / 3), tries=10) -> torch.Tensor:
+    """RandomResizedCrop boxes [n, 4] (x0, y0, x1, y1): area fraction in `scale`, aspect ratio in
+    `ratio`, the first of `tries` draws that fits, else torchvision's fallback (largest centred)."""
+    area = _uniform(n * tries, *scale, gen).view(n, tries) * height * width
+    log_r = _uniform(n * tries, math.log(ratio[0]), math.log(ratio[1]), gen).view(n, tries)
+    w, h = (area * log_r.exp()).sqrt(), (area / log_r.exp()).sqrt()
+    fits = (w <= width) & (h <= height)
+    first, fit = fits.float().argmax(1, keepdim=True), fits.any(1)
+    r = min(max(width / height, ratio[0]), ratio[1])
+    w = torch.where(fit, w.gather(1, first).squeeze(1), min(width, height * r))
+    h = torch.where(fit, h.gather(1, first).squeeze(1), min(height, width / r))
+    u = torch.where(fit[:, None], torch.rand(n, 2, device=gen.device, generator=gen), 0.5)
+    x0, y0 = u[:, 0] * (width - w), u[:, 1] * (height - h)
+    return torch.stack([x0, y0, x0 + w, y0 + h], 1)
+
+
+def resample_matrix(lo: torch.Tensor, hi: torch.Tensor, n_in: int, size: int) -> torch.Tensor:
+    """[n, size, n_in]: row o of crop i weighs the n_in input pixels of output pixel o when the
+    span [lo[i], hi[i]) is resized to `size` pixels, antialiased bilinear as in PIL: a triangle
+    around c = lo + (o + 0.5)·step, step = (hi - lo) / size, of half-width max(1, step); rows
+    renormalised to sum 1 (the frame's edge pixels take the weight that falls outside it)."""
+    step = (hi - lo) / size
+    out = torch.arange(size, device=lo.device, dtype=torch.float32)
+    centre = lo[:, None] + (out + 0.5) * step[:, None]  # [n, size]
+    pixel = torch.arange(n_in, device=lo.device, dtype=torch.float32) + 0.5
+    support = step.clamp(min=1.0)[:, None, None]
+    w = (1 - (pixel - centre[..., None]).abs() / support).clamp(min=0)
+    return w / w.sum(-1, keepdim=True)
+
+
+def resized_crops(img: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """x = rows @ frame @ colsᵀ, two batched matmuls in img's dtype: frames [B, H, 3·W], rows
+    [B·V, S, H], cols [B·V, S, W] frame-major (i·V + v) -> view-major crops [V·B, 3, S, S]."""
+    b, h, _ = img.shape
+    n, s, w = cols.shape
+    views = n // b
+    x = torch.bmm(rows.to(img.dtype).view(b, views * s, h), img)  # [B, V·S, 3·W]
+    x = torch.bmm(x.view(n, s * 3, w), cols.to(img.dtype).mT)  # [B·V, S·3, S]
+    x = x.view(b, views, s, 3, s).permute(1, 0, 3, 2, 4)  # [V, B, 3, S, S]
+    return x.reshape(n, 3, s, s).float()
+
+
+def _luma(x: torch.Tensor) -> torch.Tensor:  # ITU-R 601 grey [n, 1, H, W], as torchvision's
+    return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]).clamp(0, 1)
+
+
+@functools.lru_cache  # one per device, made there once
+def hue_basis(device: torch.device | str = "cpu") -> torch.Tensor:
+    """[3, 3, 3]: A, B, C with A + cos(a)·B + sin(a)·C = the RGB map turning the chroma plane
+    (I, Q) of YIQ by angle a."""
+    yiq = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+    inv, quarter = np.linalg.inv(yiq), np.array([[0, 0, 0], [0, 0, -1.0], [0, 1, 0]])
+    maps = [inv @ m @ yiq for m in (np.diag([1.0, 0, 0]), np.diag([0, 1.0, 1]), quarter)]
+    return torch.from_numpy(np.stack(maps)).float().to(device)
+
+
+def draw_jitter(n: int, gen: torch.Generator, p=0.8, strength=(0.4, 0.4, 0.2, 0.1)):
+    """ColorJitter(brightness, contrast, saturation, hue = `strength`) applied with probability p:
+    [n, 4] factors (b, c, s, hue angle); images the coin skips get the identity (1, 1, 1, 0)."""
+    on = _coin(n, p, gen)
+    bcs = [1 + on * _uniform(n, -v, v, gen) for v in strength[:3]]
+    angle = on * _uniform(n, -strength[3], strength[3], gen) * 2 * math.pi
+    return torch.stack([*bcs, angle], 1)
+
+
+def color_jitter(x: torch.Tensor, factors: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """Brightness, contrast, saturation, hue of [n, 3, H, W] in [0, 1] in a fixed order; hue turns
+    the chroma plane in YIQ space (`basis` = hue_basis()), a linear stand-in for HSV's shift."""
+    b, c, s = (factors[:, i].view(-1, 1, 1, 1) for i in range(3))
+    x = (x * b).clamp(0, 1)
+    mean = _luma(x).mean((1, 2, 3), keepdim=True)
+    x = ((x - mean) * c + mean).clamp(0, 1)
+    grey = _luma(x)
+    x = ((x - grey) * s + grey).clamp(0, 1)
+    angle = factors[:, 3]
+    coef = torch.stack([torch.ones_like(angle), angle.cos(), angle.sin()], 1)  # [n, 3]
+    m = torch.einsum("nk,kij->nij", coef, basis)
+    return torch.einsum("nij,njhw->nihw", m, x).clamp(0, 1)
+
+
+def grayscale(x: torch.Tensor, on: torch.Tensor) -> torch.Tensor:  # where on [n] is 1
+    return x + on.view(-1, 1, 1, 1) * (_luma(x) - x)
+
+
+def solarize(x: torch.Tensor, on: torch.Tensor) -> torch.Tensor:  # pixels >= 128/255 inverted
+    return torch.where((on.view(-1, 1, 1, 1) > 0) & (x >= 0.5), 1 - x, x)
+
+
+def blur_matrix(sigma: torch.Tensor, size: int, radius: int) -> torch.Tensor:
+    """[n, size, size]: a 1-D Gaussian blur of `size` pixels with sigma[i], truncated at `radius`,
+    with torch's "reflect" padding folded in: row o weighs every input pixel of output pixel o."""
+    if radius >= size:
+        raise ValueError(
+            f"blur radius {radius} needs crops larger than {radius} pixels, got {size}"
+        )
+    tap = torch.arange(-radius, radius + 1, device=sigma.device)
+    k = torch.exp(-(tap.float() ** 2) / (2 * sigma[:, None].float() ** 2))
+    k = k / k.sum(1, keepdim=True)  # [n, 2r+1]
+    src = (torch.arange(size, device=sigma.device)[:, None] + tap).abs()  # [size, 2r+1]
+    src = torch.where(src > size - 1, 2 * (size - 1) - src, src)
+    reads = (src[..., None] == torch.arange(size, device=sigma.device)).float()  # [o, tap, p]
+    return torch.einsum("nt,otp->nop", k, reads)
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int) -> torch.Tensor:
+    """Blur image i of [n, C, H, W] with sigma[i] (near 0: unchanged), separable: x <- K_H @ x @
+    K_Wᵀ per image and channel, K = blur_matrix, in x's dtype."""
+    _, _, h, w = x.shape
+    k_h = blur_matrix(sigma, h, radius).to(x.dtype)
+    k_w = k_h if w == h else blur_matrix(sigma, w, radius).to(x.dtype)
+    return k_h[:, None] @ x @ k_w[:, None].mT
+
+
+def draw_views(b, views, height, width, scale, blur_p, solarize_p, gen) -> dict[str, torch.Tensor]:
+    """Every random choice of `views` crops of b images, view-major (row v*b + i: view v of image
+    i): boxes, flips, jitter, grey, blur sigma (near 0 where the coin says no), solarize."""
+    n, dev = views * b, gen.device  # per-view probabilities, made on the device (no host copy):
+    blur_p = torch.cat([torch.full((b,), p, device=dev) for p in blur_p])
+    solarize_p = torch.cat([torch.full((b,), p, device=dev) for p in solarize_p])
+    boxes = random_boxes(n, height, width, scale, gen)
+    blur_on = _coin(n, blur_p, gen) > 0
+    flip, jitter, grey = _coin(n, 0.5, gen), draw_jitter(n, gen), _coin(n, 0.2, gen)
+    sigma = torch.where(blur_on, _uniform(n, *BLUR_SIGMA, gen), 1e-3)
+    solarize = _coin(n, solarize_p, gen)
+    return dict(boxes=boxes, flip=flip, jitter=jitter, grey=grey, sigma=sigma, solarize=solarize)
+
+
+def render_views(img: torch.Tensor, params: dict, size: int, basis: torch.Tensor) -> torch.Tensor:
+    """The crops `params` of frames img [B, H, 3·W] (0..255) -> [n, 3, size, size] in [0, 1]: crop
+    and flip (a reversed x-matrix), jitter, grey, blur (matmuls), solarize. Deterministic."""
+    b, h, w = img.shape[0], img.shape[1], img.shape[2] // 3
+    # view-major rows (v*b + i) to frame-major (i*V + v), the order resized_crops reads
+    boxes = params["boxes"].view(-1, b, 4).transpose(0, 1).reshape(-1, 4)
+    flip = params["flip"].view(-1, b).transpose(0, 1).reshape(-1)
+    rows = resample_matrix(boxes[:, 1], boxes[:, 3], h, size) / 255  # to [0, 1] for free
+    cols = resample_matrix(boxes[:, 0], boxes[:, 2], w, size)
+    cols = torch.where(flip.view(-1, 1, 1) > 0, cols.flip(1), cols)
+    x = resized_crops(img, rows, cols)
+    x = grayscale(color_jitter(x, params["jitter"], basis), params["grey"])
+    x = gaussian_blur(x.to(img.dtype), params["sigma"], BLUR_RADIUS).float()
+    return solarize(x, params["solarize"])
+
+
+def multi_crop(frames: torch.Tensor, args, gen: torch.Generator, render=render_views):
+    """uint8 frames [B, H, W, 3] -> normalised global crops [2B, 3, G, G] and local [nB, 3, L, L],
+    view-major. DINO's recipe: global view 1 always blurred, view 2 blurred with p 0.1 and
+    solarized with p 0.2, locals blurred with p 0.5. Matmuls in bf16 on a GPU (exact for uint8)."""
+    b, h, w, _ = frames.shape
+    dtype = torch.bfloat16 if frames.device.type == "cuda" else torch.float32
+    img = frames.permute(0, 1, 3, 2).reshape(b, h, 3 * w).to(dtype)  # [B, H, 3·W]: RGB in a row
+    basis, n = hue_basis(frames.device), args.local_crops
+    g = draw_views(b, 2, h, w, args.global_scale, [1.0, 0.1], [0.0, 0.2], gen)
+    loc = draw_views(b, n, h, w, args.local_scale, [0.5] * n, [0.0] * n, gen)
+    crops = (render(img, g, args.global_size, basis), render(img, loc, args.local_size, basis))
+    return tuple(common.normalize_frames(x) for x in crops)
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
     try:
-        train(args)
+        train_dino(parse_args(argv))
     finally:
         common.cleanup_distributed()
 

@@ -1,6 +1,6 @@
 """Speed of train_dino.py: images/s per GPU and MFU, GPU multi-crop against a DINO-style CPU path.
 
-For each --arch, the same training step (train_dino.build_run / train_step: student + teacher,
+For each --arch, the same training step (train_dino's set-up and train_step: student + teacher,
 DINO loss, AdamW, EMA) is fed two ways in one run:
   gpu  train_dino's own data path: frames read from the uint8 memmap by its reader thread (pinned,
        non-blocking copy), multi-crop made on the GPU in batched matmuls and element-wise colour
@@ -9,7 +9,7 @@ DINO loss, AdamW, EMA) is fed two ways in one run:
        flip, ColorJitter, RandomGrayscale, PIL GaussianBlur, Solarization, ToTensor, Normalize)
        in --workers DataLoader worker processes per GPU (DINO's default 10), pinned batches
 MFU = images/s x model FLOPs per image (train_dino.step_flops, per crop resolution) / the bf16
-matmul rate measured on the same GPU in the same run (train_dino.matmul_peak_tflops).
+matmul rate measured on the same GPU in the same run (common.matmul_peak_tflops).
 Frames are synthesised (random uint8, 224x392 canvas), so only torch, timm, numpy and PIL are needed.
 
   python bench/bench_dino.py                                   # one GPU
@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
@@ -165,12 +166,40 @@ def dino_args(b: argparse.Namespace, arch: str, data: Path, compile_: bool) -> a
     return train_dino.parse_args(flags)
 
 
+def build_step(args, device, world: int, steps_per_epoch: int, total: int, eager_aug: bool):
+    """train_dino's set-up (its "building student and teacher" and "optimizer and schedules"
+    sections) -> (student, render, step): step(i, globals_, locals_) is train_dino.train_step,
+    the centre carried from step to step; render is the multi-crop's (compiled unless eager_aug)."""
+    cuda = device.type == "cuda"
+    common.seed_everything(args.seed)
+    student, teacher = (net.to(device) for net in train_dino.build_networks(args))
+    nets = [student, teacher, train_dino.dino_loss, train_dino.render_views]
+    if args.compile:
+        nets = [torch.compile(f, dynamic=False) for f in nets]
+    student_fwd, teacher_fwd, loss_fn, render = nets
+    if world > 1:
+        student_fwd = DDP(student_fwd, device_ids=[device.index] if cuda else None)
+    opt = torch.optim.AdamW(common.param_groups(student, args.weight_decay), lr=0.0, fused=cuda)
+    sched = train_dino.schedules(args, total, steps_per_epoch, world, device)
+    center = torch.zeros(1, args.out_dim, device=device)
+
+    def step(i: int, globals_: torch.Tensor, locals_: torch.Tensor) -> None:
+        nonlocal center
+        _, center = train_dino.train_step(
+            student_fwd, teacher_fwd, opt, loss_fn, center, sched, i, globals_, locals_,
+            args.clip_grad,
+        )  # fmt: skip
+
+    return student, (train_dino.render_views if eager_aug else render), step
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def time_gpu_path(args, run, frames, batches, first, steps, warmup, rank, device, fixed, profile):
+def time_gpu_path(args, step_fn, render, frames, batches, first, steps, warmup, rank, device, fixed,
+                  profile):  # fmt: skip
     """train_dino's loop body: reader thread -> non-blocking copy -> multi_crop -> train_step
     (`fixed`: one batch kept on the GPU instead, to see what the reader costs). Returns (seconds
     for `steps` timed steps, seconds of multi_crop alone per step)."""
@@ -186,17 +215,17 @@ def time_gpu_path(args, run, frames, batches, first, steps, warmup, rank, device
         train_dino.seed_step(args.seed, step, rank, gen)
         with torch.no_grad():
             frames_gpu = x if fixed else batch.to(device, non_blocking=True)
-            g, loc = train_dino.multi_crop(frames_gpu, args, gen, run.render)
-        train_dino.train_step(run, step, g, loc)
+            g, loc = train_dino.multi_crop(frames_gpu, args, gen, render)
+        step_fn(step, g, loc)
     sync(device)
     total = time.perf_counter() - t0
     # the augmentation alone, on one batch
     for _ in range(3):
-        train_dino.multi_crop(x, args, gen, run.render)
+        train_dino.multi_crop(x, args, gen, render)
     sync(device)
     t = time.perf_counter()
     for _ in range(10):
-        train_dino.multi_crop(x, args, gen, run.render)
+        train_dino.multi_crop(x, args, gen, render)
     sync(device)
     aug = (time.perf_counter() - t) / 10
     if profile and rank == 0:
@@ -207,15 +236,15 @@ def time_gpu_path(args, run, frames, batches, first, steps, warmup, rank, device
         with prof(activities=acts) as p:
             for step in range(last, last + 3):
                 with torch.no_grad():
-                    g, loc = train_dino.multi_crop(x, args, gen, run.render)
-                train_dino.train_step(run, step, g, loc)
+                    g, loc = train_dino.multi_crop(x, args, gen, render)
+                step_fn(step, g, loc)
             sync(device)
         key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
         print(p.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=60))
     return total, aug
 
 
-def time_cpu_path(b, args, run, data_file, first, steps, warmup, rank, world, device):
+def time_cpu_path(b, args, step_fn, data_file, first, steps, warmup, rank, world, device):
     """The same step fed by DINO-style PIL augmentation in DataLoader workers."""
     aug = DinoAugmentation(args.global_size, args.local_size, args.local_crops)
     ds = MemmapFrames(data_file, aug)
@@ -239,7 +268,7 @@ def time_cpu_path(b, args, run, data_file, first, steps, warmup, rank, world, de
                 t0 = time.perf_counter()
             g = torch.cat(crops[:2]).to(device, non_blocking=True)
             loc = torch.cat(crops[2:]).to(device, non_blocking=True)
-            train_dino.train_step(run, step, g, loc)
+            step_fn(step, g, loc)
             step += 1
             if step == first + warmup + steps:
                 break
@@ -271,8 +300,9 @@ def main() -> None:
     if world > 1:
         dist.barrier()
     frames = common.open_frames(data)
-    ids = train_dino.train_frame_ids(data, ["train"])
-    peak = common.matmul_peak_tflops(device, train_dino.mfu_dtype(device))
+    peak = common.matmul_peak_tflops(
+        device, torch.bfloat16 if device.type == "cuda" else torch.float32
+    )
     if rank == 0:
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         print(
@@ -283,13 +313,13 @@ def main() -> None:
     for arch in b.archs.split(","):
         # one run per model, fed by each path in turn (compiled once)
         args = dino_args(b, arch, data, b.compile)
-        batches = train_dino.FrameBatches(ids, args.batch_size, rank, world, args.seed)
+        batches = train_dino.FrameBatches(data, ["train"], args.batch_size, rank, world, args.seed)
         per_path = b.warmup + b.steps + 3
         total = len(paths) * per_path + 3
-        run = train_dino.build_run(args, device, world, batches.steps_per_epoch, total)
-        if b.eager_aug:
-            run.render = train_dino.render_views
-        flops = train_dino.step_flops(run.student.backbone, run.student.head, args)
+        student, render, step_fn = build_step(
+            args, device, world, batches.steps_per_epoch, total, b.eager_aug
+        )
+        flops = train_dino.step_flops(student.backbone, student.head, args)
         for i, path in enumerate(paths):
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
@@ -297,12 +327,12 @@ def main() -> None:
             aug_s = float("nan")
             if path in ("gpu", "gpu-fixed"):
                 secs, aug_s = time_gpu_path(
-                    args, run, frames, batches, i * per_path, b.steps, b.warmup, rank, device,
-                    path == "gpu-fixed", b.profile and i == 0,
+                    args, step_fn, render, frames, batches, i * per_path, b.steps, b.warmup,
+                    rank, device, path == "gpu-fixed", b.profile and i == 0,
                 )  # fmt: skip
             else:
                 secs = time_cpu_path(
-                    b, args, run, data / "frames.npy", i * per_path, b.steps, b.warmup, rank,
+                    b, args, step_fn, data / "frames.npy", i * per_path, b.steps, b.warmup, rank,
                     world, device,
                 )  # fmt: skip
             ips = mean_over_ranks(args.batch_size * b.steps / secs, device)
@@ -326,7 +356,7 @@ def main() -> None:
             rows.append(row)
             if rank == 0:
                 print(json.dumps(row), flush=True)
-        del run
+        del student, render, step_fn
         if device.type == "cuda":
             torch.cuda.empty_cache()
     if rank == 0:

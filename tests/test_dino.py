@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -73,34 +74,41 @@ def args_for(data: Path, out: Path, *extra: str):
     return train_dino.parse_args([*TINY, "--data", str(data), "--out", str(out), *extra])
 
 
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
 # --------------------------------------------------------------------------------------------
 # Schedules
 # --------------------------------------------------------------------------------------------
 
 
 def test_cosine_schedule_warmup_and_ends():
-    s = train_dino.cosine_schedule(1.0, 0.1, total=100, warmup=10)
+    s = common.cosine_schedule(1.0, 0.1, total=100, warmup=10)
     assert len(s) == 100
     assert s[0] == 0.0 and np.all(np.diff(s[:11]) > 0)  # linear warm-up to the peak
     assert s[10] == pytest.approx(1.0)
     assert np.all(np.diff(s[10:]) < 0) and s[-1] == pytest.approx(0.1, abs=1e-3)
     assert s[55] == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 45 / 90)))
-    m = train_dino.cosine_schedule(0.996, 1.0, total=50)
+    m = common.cosine_schedule(0.996, 1.0, total=50)
     assert m[0] == pytest.approx(0.996) and m[-1] == pytest.approx(1.0, abs=1e-5)
 
 
-def test_teacher_temp_warmup():
-    t = train_dino.teacher_temp_schedule(0.04, 0.07, total=20, warmup=5)
-    assert len(t) == 20 and t[0] == pytest.approx(0.04) and t[4] == pytest.approx(0.07)
-    assert np.all(t[5:] == 0.07)
-
-
-def test_lr_scaled_by_global_batch(tiny_data, tmp_path):
-    args = args_for(tiny_data, tmp_path, "--lr", "0.256", "--warmup-epochs", "1", "--steps", "10")
-    run = train_dino.build_run(args, torch.device("cpu"), world=2, steps_per_epoch=4, total=10)
-    assert run.lr.max() == pytest.approx(0.256 * 8 * 2 / 256)  # batch 8 per rank, 2 ranks
-    assert run.lr[0] == 0 and np.argmax(run.lr) == 4  # one epoch = 4 steps of warm-up
-    assert run.frozen_last_until == 4
+def test_schedules_lr_scaled_by_global_batch_and_teacher_temp_warmup(tiny_data, tmp_path):
+    flags = ["--lr", "0.256", "--warmup-epochs", "1", "--teacher-temp", "0.07"]
+    flags += ["--warmup-teacher-temp", "0.04", "--warmup-teacher-temp-epochs", "1.25"]
+    args = args_for(tiny_data, tmp_path, *flags)
+    sched = train_dino.schedules(args, total=20, steps_per_epoch=4, world=2, device="cpu")
+    lr = sched["lr"]
+    assert lr.max() == pytest.approx(0.256 * 8 * 2 / 256)  # batch 8 per rank, 2 ranks
+    assert lr[0] == 0 and np.argmax(lr) == 4  # one epoch = 4 steps of warm-up
+    assert sched["freeze_last_layer"][:4].all() and not sched["freeze_last_layer"][4:].any()
+    t = sched["teacher_temp"]  # 1.25 epochs = 5 steps of linear warm-up, then constant
+    assert t.dtype == torch.float32 and len(t) == 20
+    assert t[0].item() == pytest.approx(0.04) and t[4].item() == pytest.approx(0.07)
+    assert torch.all(t[5:] == t[4]) and torch.all(torch.diff(t[:5]) > 0)
+    assert sched["weight_decay"][0] == pytest.approx(0.04)
+    assert sched["momentum"][0] == pytest.approx(0.996)
 
 
 # --------------------------------------------------------------------------------------------
@@ -204,6 +212,12 @@ def test_resample_matrix_rows_identity_and_constant():
     assert (half[0] > 0).sum(-1).min() > 2  # antialiased: more than 2 taps when shrinking 2x
 
 
+def frame_rows(frames: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, H, W, 3] -> [B, H, 3·W] float32, a row's channels side by side (multi_crop's)."""
+    b, h, w, _ = frames.shape
+    return frames.permute(0, 1, 3, 2).reshape(b, h, 3 * w).float()
+
+
 def test_resized_crops_match_pil_bilinear():
     """resample_matrix is PIL's antialiased bilinear resize (PIL rounds to uint8 between its two
     passes, hence the tolerance of about one level)."""
@@ -211,7 +225,7 @@ def test_resized_crops_match_pil_bilinear():
 
     rng = np.random.default_rng(0)
     frame = rng.integers(0, 256, (40, 70, 3), dtype=np.uint8)
-    img = train_dino.frame_rows(torch.from_numpy(frame[None]), torch.float32)
+    img = frame_rows(torch.from_numpy(frame[None]))
     for box in [(3.5, 2.0, 60.25, 37.0), (10.0, 5.5, 22.0, 17.5), (0.0, 0.0, 70.0, 40.0)]:
         rows = train_dino.resample_matrix(torch.tensor([box[1]]), torch.tensor([box[3]]), 40, 16)
         cols = train_dino.resample_matrix(torch.tensor([box[0]]), torch.tensor([box[2]]), 70, 16)
@@ -232,7 +246,7 @@ def plain_views(b: int, views: int, h: int, w: int, seed: int = 0) -> dict[str, 
 
 
 def render(frames: np.ndarray, params: dict[str, torch.Tensor], size: int) -> torch.Tensor:
-    img = train_dino.frame_rows(torch.from_numpy(frames), torch.float32)
+    img = frame_rows(torch.from_numpy(frames))
     return train_dino.render_views(img, params, size, train_dino.hue_basis())
 
 
@@ -356,23 +370,31 @@ def test_teacher_gets_no_gradient_and_center_shifts_with_the_batch():
 
 def test_train_step_teacher_is_ema_of_student(tiny_data, tmp_path):
     args = args_for(tiny_data, tmp_path, "--steps", "4", "--momentum-teacher", "0.9")
-    run = train_dino.build_run(args, torch.device("cpu"), world=1, steps_per_epoch=4, total=4)
-    assert all(not p.requires_grad for p in run.teacher.parameters())
-    t0 = [p.detach().clone() for p in run.teacher.parameters()]
+    torch.manual_seed(0)
+    student, teacher = train_dino.build_networks(args)
+    assert all(not p.requires_grad for p in teacher.parameters())
+    opt = torch.optim.AdamW(common.param_groups(student, args.weight_decay))
+    sched = train_dino.schedules(args, total=4, steps_per_epoch=4, world=1, device="cpu")
+    t0 = [p.detach().clone() for p in teacher.parameters()]
+    s0 = student.head.last_layer.weight.detach().clone()
     frames = torch.from_numpy(scene_frames(8))
     g, loc = train_dino.multi_crop(frames, args, torch.Generator().manual_seed(0))
-    c0 = run.center.clone()
-    train_dino.train_step(run, 0, g, loc)
-    m = run.momentum[0]
+    c0 = torch.zeros(1, args.out_dim)
+    loss, center = train_dino.train_step(
+        student, teacher, opt, train_dino.dino_loss, c0, sched, 0, g, loc, args.clip_grad
+    )
+    assert torch.isfinite(loss) and not loss.requires_grad
+    m = sched["momentum"][0]
     assert m == pytest.approx(0.9)
-    for p_t, p0, p_s in zip(run.teacher.parameters(), t0, run.student.parameters(), strict=True):
+    for p_t, p0, p_s in zip(teacher.parameters(), t0, student.parameters(), strict=True):
         assert p_t.grad is None
         assert torch.allclose(p_t, m * p0 + (1 - m) * p_s.detach(), atol=1e-6)
-    moved = sum((a - b).abs().sum() for a, b in zip(run.teacher.parameters(), t0, strict=True))
+    moved = sum((a - b).abs().sum() for a, b in zip(teacher.parameters(), t0, strict=True))
     assert moved > 0
-    assert not torch.equal(run.center, c0)
+    assert not torch.equal(center, c0)
     # the head's last layer is frozen in the first epoch (--freeze-last-layer 1)
-    assert run.student.head.last_layer.weight.grad is None
+    assert student.head.last_layer.weight.grad is None
+    assert torch.equal(student.head.last_layer.weight, s0)
 
 
 def test_freeze_blocks_and_weight_decay_groups(tiny_data, tmp_path):
@@ -382,7 +404,7 @@ def test_freeze_blocks_and_weight_decay_groups(tiny_data, tmp_path):
     assert not any(p.requires_grad for p in V.blocks[0].parameters())
     assert not V.patch_embed.proj.weight.requires_grad and not V.pos_embed.requires_grad
     assert all(p.requires_grad for p in V.blocks[1].parameters())
-    decay, plain = train_dino.param_groups(student)
+    decay, plain = common.param_groups(student, 0.04)
     assert plain["weight_decay"] == 0.0
     assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim == 1 for p in plain["params"])
     assert sum(p.numel() for g in (decay, plain) for p in g["params"]) == sum(
@@ -408,18 +430,22 @@ def test_training_lowers_the_loss(tiny_data, tmp_path, monkeypatch):
     centring first flattens the teacher's targets (the loss then climbs toward log K, as in DINO's
     first epochs), which would hide what the steps do to the student."""
     monkeypatch.setattr(train_dino, "update_center", lambda center, teacher_out: center)
-    train_dino.train(args_for(tiny_data, tmp_path, "--steps", "16", "--lr", "0.05"))
-    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train_dino.train_dino(args_for(tiny_data, tmp_path, "--steps", "16", "--lr", "0.05"))
+    lines = metrics(tmp_path)
     assert [r["step"] for r in lines] == list(range(1, 17))
-    for key in ("loss", "lr", "momentum", "teacher_temp", "images_per_s", "mfu", "peak_mem_gb"):
+    keys = ["step", "epoch", "loss", "lr", "weight_decay", "momentum", "teacher_temp"]
+    keys += ["images_per_s_per_device", "images_per_s", "mfu", "peak_mem_gb"]
+    assert all(list(r) == keys for r in lines)
+    for key in keys:
         assert all(math.isfinite(r[key]) for r in lines), key
+    assert lines[3]["epoch"] == 1.0 and lines[0]["lr"] == pytest.approx(0.05 * 8 / 256)
     first, last = lines[0]["loss"], np.mean([r["loss"] for r in lines[-3:]])
     assert last < 0.6 * first, (first, last)
 
 
 def test_resume_equals_uninterrupted(tiny_data, tmp_path, monkeypatch):
     flags = ["--steps", "6", "--save-every", "3", "--lr", "0.01"]
-    whole = train_dino.train(args_for(tiny_data, tmp_path / "a", *flags))
+    whole = train_dino.train_dino(args_for(tiny_data, tmp_path / "a", *flags))
     real_save = common.save_checkpoint
 
     def save_then_die(path, state):
@@ -428,23 +454,50 @@ def test_resume_equals_uninterrupted(tiny_data, tmp_path, monkeypatch):
 
     monkeypatch.setattr(common, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        train_dino.train(args_for(tiny_data, tmp_path / "b", *flags))
+        train_dino.train_dino(args_for(tiny_data, tmp_path / "b", *flags))
     assert common.load_checkpoint(tmp_path / "b" / "checkpoint.pt")["step"] == 3
     monkeypatch.setattr(common, "save_checkpoint", real_save)
-    resumed = train_dino.train(args_for(tiny_data, tmp_path / "b", *flags))
+    resumed = train_dino.train_dino(args_for(tiny_data, tmp_path / "b", *flags))
+    assert whole["step"] == resumed["step"] == 6
     for net in ("student", "teacher"):
-        sa, sb = getattr(whole, net).state_dict(), getattr(resumed, net).state_dict()
+        sa, sb = whole[net], resumed[net]
         assert all(torch.equal(sa[k], sb[k]) for k in sa), net
-    assert torch.equal(whole.center, resumed.center)
-    oa, ob = whole.opt.state_dict()["state"], resumed.opt.state_dict()["state"]
+    assert torch.equal(whole["center"], resumed["center"])
+    oa, ob = whole["optimizer"]["state"], resumed["optimizer"]["state"]
     assert all(torch.equal(oa[i]["exp_avg"], ob[i]["exp_avg"]) for i in oa)
     ea = common.load_encoder(tmp_path / "a")[0].state_dict()
     eb = common.load_encoder(tmp_path / "b")[0].state_dict()
     assert all(torch.equal(ea[k], eb[k]) for k in ea)
+    # the checkpoint on disk is the state returned
+    disk = common.load_checkpoint(tmp_path / "b" / "checkpoint.pt")
+    assert all(torch.equal(disk["teacher"][k], v) for k, v in resumed["teacher"].items())
+    # the logged losses, before and after the interruption, are those of the uninterrupted run
+    la, lb = metrics(tmp_path / "a"), metrics(tmp_path / "b")
+    assert [r["step"] for r in lb] == list(range(1, 7))
+    assert [r["loss"] for r in la] == [r["loss"] for r in lb]
 
 
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_data, tmp_path, monkeypatch):
-    args = args_for(tiny_data, tmp_path, "--steps", "6", "--save-every", "2")
+def test_resume_refuses_a_checkpoint_of_other_identity_flags(tiny_data, tmp_path):
+    train_dino.train_dino(args_for(tiny_data, tmp_path, "--steps", "2"))
+    for flag, value in [("--out-dim", "64"), ("--local-crops", "3"), ("--depth", "1")]:
+        with pytest.raises(SystemExit, match=f"made with {flag} .*use another --out"):
+            train_dino.train_dino(args_for(tiny_data, tmp_path, "--steps", "4", flag, value))
+    assert common.load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 2  # untouched
+    # other flags (here more steps, another LR) continue the run from its checkpoint
+    train_dino.train_dino(args_for(tiny_data, tmp_path, "--steps", "4", "--lr", "1e-4"))
+    assert [r["step"] for r in metrics(tmp_path)] == [1, 2, 3, 4]
+    assert common.load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 4
+
+
+@pytest.mark.parametrize("log_every", ["1", "5"])
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(
+    tiny_data, tmp_path, monkeypatch, log_every
+):
+    """A NaN loss at step 3 (0-based) stops the run at the next log or save: with a log every
+    step, at once; with a log every 5 steps, at the save of step 4, which must not be written."""
+    args = args_for(
+        tiny_data, tmp_path, "--steps", "6", "--save-every", "2", "--log-every", log_every
+    )
     real_loss = train_dino.dino_loss
     calls = {"n": 0}
 
@@ -454,21 +507,27 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_data, tmp_pat
         return out * float("nan") if calls["n"] == 4 else out
 
     monkeypatch.setattr(train_dino, "dino_loss", loss_breaking_at_step_3)
-    with pytest.raises(SystemExit, match=r"non-finite DINO loss at step 3.*step 2"):
-        train_dino.train(args)
-    ckpt = common.load_checkpoint(tmp_path / "checkpoint.pt")
-    assert ckpt["step"] == 2
-    assert all(torch.isfinite(v).all() for v in ckpt["student"].values())
+    ckpt = tmp_path / "checkpoint.pt"
+    with pytest.raises(
+        SystemExit, match=rf"non-finite loss \(nan\) at or before step 4.*{re.escape(str(ckpt))}"
+    ):
+        train_dino.train_dino(args)
+    assert calls["n"] == 4  # stopped at step 4, not later
+    state = common.load_checkpoint(ckpt)
+    assert state["step"] == 2
+    assert all(torch.isfinite(v).all() for v in state["student"].values())
     assert not (tmp_path / "encoder.safetensors").exists()
+    if log_every == "1":
+        assert [r["step"] for r in metrics(tmp_path)] == [1, 2, 3]
 
 
 def test_bad_data_is_named(tmp_path):
     data = write_frames(tmp_path / "d", scene_frames(4), ["val"] * 4)
     with pytest.raises(ValueError, match=r"manifest.csv: no frames in split\(s\) \['train'\]"):
-        train_dino.train(args_for(data, tmp_path / "o"))
+        train_dino.train_dino(args_for(data, tmp_path / "o"))
     data2 = write_frames(tmp_path / "d2", scene_frames(4), ["train"] * 4)
     with pytest.raises(ValueError, match="4 training frames cannot fill one step"):
-        train_dino.train(args_for(data2, tmp_path / "o2"))
+        train_dino.train_dino(args_for(data2, tmp_path / "o2"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -513,16 +572,21 @@ def test_pretrained_goes_through_timm_and_keeps_its_layerscale(tmp_path):
     assert all(torch.equal(got[k], v) for k, v in hub.state_dict().items())
     gammas = [p for n, p in V.named_parameters() if n.endswith(".gamma")]
     assert gammas and not any(torch.all(g == common.LAYERSCALE_INIT) for g in gammas)
-    with pytest.raises(ValueError, match="either pretrained"):
-        common.build_vit(pretrained=True, init=tmp_path / "hub.pth", **small)
+
+
+def test_pretrained_and_init_exclude_each_other(capsys):
+    with pytest.raises(SystemExit):
+        train_dino.parse_args(["--data", "d", "--out", "o", "--pretrained", "--init", "w.pth"])
+    assert "--init: not allowed with argument --pretrained" in capsys.readouterr().err
 
 
 def test_export_load_encode_and_init(tiny_data, tmp_path):
-    run = train_dino.train(args_for(tiny_data, tmp_path, "--steps", "2"))
+    state = train_dino.train_dino(args_for(tiny_data, tmp_path, "--steps", "2"))
     V, cfg = common.load_encoder(tmp_path, "cpu")
     assert not V.training and cfg["embed_dim"] == 64 and cfg["img_size"] == 56
     assert cfg["overrides"] == {"depth": 2, "embed_dim": 64, "num_heads": 1}
-    teacher = run.teacher.backbone.state_dict()
+    assert cfg["start"] == "random" and cfg["steps"] == 2 and cfg["layerscale_init"] == 0.1
+    teacher = {k.removeprefix("backbone."): v for k, v in state["teacher"].items()}
     assert all(torch.equal(teacher[k], v) for k, v in V.state_dict().items())
     frames = np.load(tiny_data / "frames.npy", mmap_mode="r")
     emb = common.encode_frames(V, frames, batch_size=16)  # 40 frames in 3 batches
@@ -530,21 +594,27 @@ def test_export_load_encode_and_init(tiny_data, tmp_path):
     with torch.no_grad():
         direct = V(common.normalize_frames(torch.from_numpy(np.array(frames[:5]))))
     assert torch.allclose(emb[:5], direct, atol=1e-5)
+
     # --init: the exported file, and a DINO-style checkpoint (teacher/backbone./head. keys)
-    over = cfg["overrides"]
-    V2 = common.build_vit(init=tmp_path / "encoder.safetensors", img_size=56, **over)
-    V3 = common.build_vit(init=tmp_path / "checkpoint.pt", img_size=56, **over)
-    for W in (V2, V3):
+    def from_file(path, img_size=56):
+        W = common.build_vit(img_size=img_size, layerscale_init=None, **cfg["overrides"])
+        train_dino.load_vit_weights(W, path)
+        return W
+
+    for W in (from_file(tmp_path / "encoder.safetensors"), from_file(tmp_path / "checkpoint.pt")):
         assert all(torch.equal(teacher[k], v) for k, v in W.state_dict().items())
     # position embeddings are resampled when the file was made at another size
-    V4 = common.build_vit(init=tmp_path / "encoder.safetensors", img_size=112, **over)
-    assert V4.pos_embed.shape[1] == 1 + 8 * 8
+    assert from_file(tmp_path / "encoder.safetensors", 112).pos_embed.shape[1] == 1 + 8 * 8
     bad = tmp_path / "bad.pt"
     torch.save({"something": torch.zeros(3)}, bad)
     with pytest.raises(ValueError, match="bad.pt: weights do not fit"):
-        common.build_vit(init=bad, img_size=56, **over)
+        from_file(bad)
     with pytest.raises(FileNotFoundError, match="nothing.safetensors"):
-        common.build_vit(init=tmp_path / "nothing.safetensors")
+        from_file(tmp_path / "nothing.safetensors")
+    # train_dino --init: V starts from the file (its LayerScale included), then trains on
+    init = args_for(tiny_data, tmp_path / "i", "--init", str(tmp_path / "encoder.safetensors"))
+    student, _ = train_dino.build_networks(init)
+    assert all(torch.equal(teacher[k], v) for k, v in student.backbone.state_dict().items())
 
 
 def test_normalize_frames():
@@ -569,7 +639,7 @@ def test_vit_flops_matches_flop_counter():
             sdpa_kernel(SDPBackend.MATH),
         ):
             V(torch.randn(1, 3, h, w))
-        assert common.vit_flops(V, h, w) == pytest.approx(counter.get_total_flops(), rel=0.02)
+        assert train_dino.vit_flops(V, h, w) == pytest.approx(counter.get_total_flops(), rel=0.02)
 
 
 # --------------------------------------------------------------------------------------------
@@ -584,19 +654,12 @@ sys.path.insert(0, {repo!r})
 import train_dino
 
 args = train_dino.parse_args(sys.argv[1:])
-run = train_dino.train(args)
+state = train_dino.train_dino(args)
 rank = dist.get_rank()
 # update_center with a different batch on each rank must give the mean over both ranks
 probe = train_dino.update_center(torch.zeros(1, 3), torch.full((4, 3), float(rank)), 0.5)
-torch.save(
-    {{
-        "student": run.student.state_dict(),
-        "teacher": run.teacher.state_dict(),
-        "center": run.center,
-        "probe": probe,
-    }},
-    f"{{args.out}}/rank{{rank}}.pt",
-)
+keep = {{k: state[k] for k in ("student", "teacher", "center", "step")}}
+torch.save({{**keep, "probe": probe}}, f"{{args.out}}/rank{{rank}}.pt")
 """
 
 
@@ -621,6 +684,12 @@ def test_two_process_torchrun_gloo(tiny_data, tmp_path):
     assert torch.allclose(r0["probe"], torch.full((1, 3), 0.25))  # 0.5 * mean(0, 1)
     assert torch.allclose(r1["probe"], torch.full((1, 3), 0.25))
     assert (out / "encoder.safetensors").exists()
+    assert r0["step"] == r1["step"] == 3
+    # rank 0 alone logs; the LR is scaled by the global batch (4 frames x 2 ranks)
+    lines = metrics(out)
+    assert [r["step"] for r in lines] == [1, 2, 3]
+    assert lines[0]["lr"] == pytest.approx(0.05 * 4 * 2 / 256)
+    assert lines[0]["images_per_s"] == pytest.approx(2 * lines[0]["images_per_s_per_device"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -683,7 +752,7 @@ def test_exported_encoder_reads_the_demo_scenes(demo_data, tmp_path):
     """After (a short run of) the recommended CPU training, a linear probe on the exported
     encoder's [CLS] recovers who is in the frame, who acts and what they do, on scenes it never
     saw (5 folds of whole scenes), clearly above chance."""
-    train_dino.train(
+    train_dino.train_dino(
         train_dino.parse_args(
             [*CPU_DEMO, "--data", str(demo_data), "--out", str(tmp_path), "--steps", "3"]
         )

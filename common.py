@@ -57,9 +57,7 @@ def content_words(utt: dict) -> list[tuple[int, int, float]]:
     return out
 
 
-def tokenize_utterance(
-    tokenizer, utt: dict, context: Sequence[dict] = (), max_len: int | None = None
-) -> TokenizedUtterance:
+def tokenize_utterance(tokenizer, utt, context=(), max_len=None) -> TokenizedUtterance:
     """Tokenize with offsets and find t_p. `context`: earlier turns (--task next-utterance),
     read but not scored. Past `max_len` (social tokens of --inject full counted) the oldest
     context turns go first, then the utterance's tail."""
@@ -111,14 +109,7 @@ def _tokenize_turns(tokenizer, turns: Sequence[dict]) -> TokenizedUtterance:
     return TokenizedUtterance(ids, score_from, t_p, word_t, str(turns[-1].get("clip_id", "")))
 
 
-def tokenize_split(
-    utts: Sequence[dict],
-    tokenizer,
-    clip_index: dict[str, tuple[np.ndarray, np.ndarray]],
-    task: str = "utterance",
-    context_turns: int = 0,
-    max_len: int | None = None,
-) -> tuple[list[TokenizedUtterance], list[dict]]:
+def tokenize_split(utts, tokenizer, clip_index, task="utterance", context_turns=0, max_len=None):
     """A split's utterances as L reads them, in clip and turn order (--task next-utterance reads
     up to `context_turns` earlier turns first). Returns (items, skipped with clip, turn, reason)."""
     by_clip: dict[str, list[dict]] = {}
@@ -136,11 +127,9 @@ def tokenize_split(
         for i, u in enumerate(turns):
             context = turns[max(0, i - context_turns) : i] if task == "next-utterance" else []
             item = tokenize_utterance(tokenizer, u, context, max_len)
-            reason = None
-            if item.score_from >= len(item.input_ids):
-                reason = "no text token to score"
-            elif len(item.t_p) and clip_id not in clip_index:
-                reason = "clip has no frames in manifest.csv"
+            reason = "no text token to score" if item.score_from >= len(item.input_ids) else None
+            if len(item.t_p) and clip_id not in clip_index:
+                reason = reason or "clip has no frames in manifest.csv"
             if reason:
                 skipped.append({"clip_id": clip_id, "turn": u.get("turn"), "reason": reason})
             else:
@@ -189,13 +178,7 @@ class SocialBatch:
     loss_row: torch.Tensor
 
 
-def insert_social_tokens(
-    items: Sequence[TokenizedUtterance],
-    soc_l: torch.Tensor | None,
-    embed: torch.nn.Module,
-    inject: str = "full",
-    padding_side: str = "right",
-) -> SocialBatch:
+def insert_social_tokens(items, soc_l, embed, inject="full", padding_side="right") -> SocialBatch:
     """Build L's input with social tokens (paper §"Local and global social tokens").
 
     For an utterance t_1..t_k whose content words end at the tokens p in P:
@@ -600,26 +583,24 @@ def split_words(text: str) -> list[tuple[int, int]]:
 def word_times(spans, n_chars, given=None, start=None, end=None, timestamp=None):
     """(time of each word, rule): "given" per-word times; else "spread" (the utterance's [start,
     end] over its characters, a word at its middle character); else "timestamp". Words without
-    a given time fall back to the next rule ("given+spread", "given+timestamp")."""
+    a given time take the next rule ("given+spread", "given+timestamp")."""
+    given = given or [None] * len(spans)
+    if spans and None not in given:
+        return [float(t) for t in given], "given"
     if start is not None and end is not None:
-        rule, fallback = (
+        rule, other = (
             "spread",
-            [start + (end - start) * (a + b) / (2 * max(n_chars, 1)) for a, b in spans],
+            [start + (end - start) * (a + b) / 2 / max(n_chars, 1) for a, b in spans],
         )
     elif timestamp is not None:
-        rule, fallback = "timestamp", [float(timestamp)] * len(spans)
+        rule, other = "timestamp", [float(timestamp)] * len(spans)
     else:
-        rule, fallback = None, None
-    known = given if given is not None else [None] * len(spans)
-    if spans and all(t is not None for t in known):
-        return [float(t) for t in known], "given"
-    if fallback is None:
         raise ValueError("no word times: need per-word times, [start, end] or a timestamp")
-    if any(t is not None for t in known):
+    if any(t is not None for t in given):
         return [
-            f if t is None else float(t) for t, f in zip(known, fallback, strict=True)
+            o if t is None else float(t) for t, o in zip(given, other, strict=True)
         ], f"given+{rule}"
-    return fallback, rule
+    return other, rule
 
 
 class PosTagger:
@@ -704,16 +685,16 @@ def load_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     return load_file(str(path)), json.loads(path.with_suffix(".json").read_text())
 
 
-def save_checkpoint(path: str | Path, state: dict) -> None:
-    """A training checkpoint of tensors, numbers and strings (no pickled objects), atomically."""
+def save_checkpoint(path: str | Path, state: dict, args) -> None:
+    """A training checkpoint of tensors, numbers and strings (no pickled objects) with the run's
+    flags (resume_checkpoint reads them), atomically."""
+    state = {**state, "args": json.dumps(vars(args), default=str)}
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(path: str | Path) -> dict | None:
     """A `save_checkpoint` file (weights_only: no code runs), or None when there is none yet."""
-    if not Path(path).exists():
-        return None
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return torch.load(path, map_location="cpu", weights_only=True) if Path(path).exists() else None
 
 
 def resume_checkpoint(path: Path, args, identity: Sequence[str]) -> dict | None:
@@ -733,11 +714,6 @@ def resume_checkpoint(path: Path, args, identity: Sequence[str]) -> dict | None:
     return ckpt
 
 
-def args_json(args) -> str:
-    """The run's flags as a checkpoint stores them (read back by resume_checkpoint)."""
-    return json.dumps(vars(args), default=str)
-
-
 def seed_everything(seed: int) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -750,9 +726,7 @@ def setup_distributed(device: str | None = None) -> tuple[int, int, torch.device
     if cuda and not torch.cuda.is_available():
         raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device")
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    dev = (
-        torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
-    )
+    dev = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
@@ -852,10 +826,3 @@ def check_finite(loss: float, step: int, ckpt: Path, hint: str) -> None:
             f"non-finite loss ({loss}) at or before step {step}; stopped. "
             f"Last good checkpoint: {kept}. {hint}"
         )
-
-
-# ============ TEMPORARY: old names kept while the stages move to the new layout ============
-
-
-def features_path(V, data_dir):
-    raise NotImplementedError("use cached_features")

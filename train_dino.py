@@ -421,10 +421,9 @@ def train_dino(args: argparse.Namespace) -> dict:
             t_log, n_log = time.perf_counter(), 0
         if save:
             state = {"student": student.state_dict(), "teacher": teacher.state_dict(),
-                     "optimizer": opt.state_dict(), "center": center.cpu(), "step": done,
-                     "args": common.args_json(args)}  # fmt: skip
+                     "optimizer": opt.state_dict(), "center": center.cpu(), "step": done}  # fmt: skip
             if common.is_main():
-                common.save_checkpoint(ckpt_path, state)
+                common.save_checkpoint(ckpt_path, state, args)
     bar.close()
 
     # ============ export the teacher's V ... ============

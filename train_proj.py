@@ -79,14 +79,24 @@ IDENTITY = ("lm", "encoder", "arch", "train_encoder", "inject", "task", "proj_de
 # ============ the paper's pieces: g's start, the social vectors, the loss ============
 
 
-def init_projector(V, L, v_train: torch.Tensor, args) -> common.Projector:
-    """g with its input standardised on training frames' [CLS] and its outputs at the norm of
-    L's token embeddings, so that [SOC-*] start where text tokens live."""
+@torch.no_grad()
+def init_projector(in_dim: int, L, v_train: torch.Tensor | None, args) -> common.Projector:
+    """g's start: inputs standardised with the mean and std over training frames of their [CLS]
+    (v_train), outputs at the median norm of L's token embeddings as they enter L (Gemma 3
+    scales inside get_input_embeddings()): [SOC-*] start where text tokens live."""
     torch.manual_seed(args.seed)
-    g = common.Projector(V.embed_dim, L.config.hidden_size, args.proj_depth, args.proj_hidden)
-    if args.inject != "none":
-        g.fit_input_stats_(v_train)
-    g.calibrate_(common.embedding_norm(L.get_input_embeddings()), seed=args.seed)
+    g = common.Projector(in_dim, L.config.hidden_size, args.proj_depth, args.proj_hidden)
+    if v_train is not None:
+        std = v_train.float().std(0)
+        g.v_mean.copy_(v_train.float().mean(0))
+        g.v_std.copy_(std.clamp_min(1e-6 * std.max().item() + 1e-12))
+    embed, gen = L.get_input_embeddings(), torch.Generator().manual_seed(args.seed)
+    ids = torch.randint(0, embed.weight.shape[0], (4096,), generator=gen)
+    target = embed(ids.to(embed.weight.device)).float().norm(dim=-1).median().item()
+    last = g.net[-1]
+    last.bias.zero_()
+    x = torch.randn(1024, in_dim, generator=gen)  # standardised inputs
+    last.weight.mul_(target / g.net(x).norm(dim=-1).mean().item())
     return g
 
 
@@ -181,7 +191,7 @@ def train_proj(args: argparse.Namespace):
             train_rows, min(1024, len(train_rows)), False
         )
         v_train = common.encode_frames(V, frames[np.sort(pick)], args.encode_batch, device)
-    g = init_projector(V, L, v_train, args).to(device)
+    g = init_projector(V.embed_dim, L, v_train, args).to(device)
     g_fwd, V_fwd = g, V  # what the step calls: DDP averages the gradients across ranks
     if world > 1:
         ids = [device.index] if device.type == "cuda" else None
@@ -304,11 +314,9 @@ def train_proj(args: argparse.Namespace):
         if step % args.save_every == 0 or step == total:
             if common.is_main():
                 state = {"g": g.state_dict(), "optimizer": optimizer.state_dict(), "step": step}
-                state.update(
-                    args=common.args_json(args),
-                    **({"V": V.state_dict()} if args.train_encoder else {}),
-                )
-                common.save_checkpoint(ckpt_path, state)
+                if args.train_encoder:
+                    state["V"] = V.state_dict()
+                common.save_checkpoint(ckpt_path, state, args)
             if dist.is_initialized():
                 dist.barrier()
     bar.close()

@@ -1,9 +1,9 @@
 """Throughput of evaluate.py's perplexity loop: utterances/s over all six conditions.
 
-Times `evaluate.run_ppl` (insert_social_tokens + L's forward + the chunked NLL of the scored
-tokens, per condition) on random utterances with content words, with an L of random weights
-shaped like the embedded Gemma 3 270M or like Gemma-2-2B (the paper's L): only the times mean
-anything. bf16 on CUDA.
+Times `evaluate.run_ppl` (social_vectors + insert_social_tokens + L's forward + the chunked NLL
+of the scored tokens, per condition) on random utterances with content words, with an L of random
+weights shaped like the embedded Gemma 3 270M or like Gemma-2-2B (the paper's L): only the times
+mean anything. bf16 on CUDA.
 
   python bench/bench_eval.py                                  # CPU, tiny shape
   python bench/bench_eval.py --shape gemma-2-2b --device cuda --utterances 2048 --batch-size 64
@@ -15,6 +15,7 @@ import argparse
 import platform
 import sys
 from datetime import date
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -107,17 +108,20 @@ def main(argv: list[str] | None = None) -> None:
     L = random_lm(args.shape, device)
     items, clip_index = random_items(args, L.config.vocab_size)
     g = common.Projector(args.cls_dim, L.config.hidden_size).to(device).eval()
-    rows = np.concatenate([r for r, _ in clip_index.values()])
-    feats = torch.randn(len(rows), args.cls_dim, device=device)
-    donors = ev.shuffle_donors(list(clip_index), args.seed)
-    social = ev.Social(g, feats, rows, clip_index, "full", donors)
+    feats = torch.randn(30 * len(clip_index), args.cls_dim, device=device)  # v_j of every frame
+    clips = list(clip_index)
+    donors = dict(
+        zip(clips, [clips[k] for k in ev.derangement(len(clips), args.seed)], strict=True)
+    )
+    social = partial(ev.social_vectors, g, feats, clip_index, "full", donors)
     conditions = [c for c in args.conditions.split(",") if c]
 
-    warm = min(len(items), 2 * args.batch_size)  # kernels, allocator, autotuning
-    ev.run_ppl(L, items[:warm], social, conditions, args.batch_size, device)
+    warm = items[: 2 * args.batch_size]  # kernels, allocator, autotuning
+    ev.run_ppl(L, warm, ev.length_batches(warm, args.batch_size), conditions, social, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    _, tok, seconds = ev.run_ppl(L, items, social, conditions, args.batch_size, device)
+    batches = ev.length_batches(items, args.batch_size)
+    _, tok, seconds = ev.run_ppl(L, items, batches, conditions, social, device)
     n, c = len(items), len(conditions)
     text = sum(len(it.input_ids) for it in items) * c
     peak = (

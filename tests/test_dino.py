@@ -448,8 +448,8 @@ def test_resume_equals_uninterrupted(tiny_data, tmp_path, monkeypatch):
     whole = train_dino.train_dino(args_for(tiny_data, tmp_path / "a", *flags))
     real_save = common.save_checkpoint
 
-    def save_then_die(path, state):
-        real_save(path, state)
+    def save_then_die(path, state, args):
+        real_save(path, state, args)
         raise KeyboardInterrupt  # the job is killed right after its first checkpoint
 
     monkeypatch.setattr(common, "save_checkpoint", save_then_die)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import shutil
+from functools import partial
 
 import conftest
 import numpy as np
@@ -12,8 +14,9 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
+import common
 import evaluate as ev
-from common import TokenizedUtterance, insert_social_tokens, read_utterances
+from common import TokenizedUtterance, read_utterances
 
 # --------------------------------------------------------------------------------------------
 # Tiny random Gemma 3 (the embedded model's class, a few thousand weights)
@@ -33,9 +36,9 @@ def tiny_gemma(vocab: int = 50, softcap: float | None = None, attn: str = "eager
 
 
 @pytest.mark.parametrize("softcap", [None, 3.0])
-def test_utterance_nll_equals_hand_computation(softcap):
-    """Summed NLL per utterance through insert_social_tokens equals the paper's layout built by
-    hand, one unpadded sequence at a time, scored with the model's full logits."""
+def test_run_ppl_equals_hand_computation(softcap):
+    """Summed NLL per utterance from run_ppl (insert_social_tokens + token_nll) equals the paper's
+    layout built by hand, one unpadded sequence at a time, scored with the model's full logits."""
     model = tiny_gemma(softcap=softcap)
     embed = model.get_input_embeddings()
     items = [  # (ids, score_from, t_p): two content words; none; one at the end with context
@@ -45,9 +48,15 @@ def test_utterance_nll_equals_hand_computation(softcap):
     ]
     torch.manual_seed(3)
     soc_l = torch.randn(3, 32)
+    batches = [np.array([2, 0, 1])]  # run_ppl puts each utterance's sums back in item order
+
+    def social(part, condition):
+        assert condition == "full" and [it.clip_id for it in part] == ["c", "a", "b"]
+        return "full", torch.cat([soc_l[2:], soc_l[:2]])  # part's words, in part order
+
+    nll, tok, _ = ev.run_ppl(model, items, batches, ["full"], social, torch.device("cpu"))
+    nll, tok = nll["full"], tok["full"]
     with torch.no_grad():
-        batch = insert_social_tokens(items, soc_l, embed, "full")
-        nll, tok = ev.utterance_nll(model, batch)
         hand_nll, hand_tok, row = [], [], 0
         for it in items:
             w = len(it.t_p)
@@ -69,9 +78,9 @@ def test_utterance_nll_equals_hand_computation(softcap):
             hand_nll.append(sum(terms))
             hand_tok.append(len(terms))
     assert tok.tolist() == hand_tok == [5, 2, 2]
-    np.testing.assert_allclose(nll.numpy(), hand_nll, rtol=1e-5)
+    np.testing.assert_allclose(nll, hand_nll, rtol=1e-5)
     expect = math.exp(sum(hand_nll) / sum(hand_tok))
-    assert ev.perplexity(nll.numpy(), tok.numpy()) == pytest.approx(expect, rel=1e-5)
+    assert ev.perplexity(nll, tok) == pytest.approx(expect, rel=1e-5)
 
 
 def simulate(rng, n, mu):
@@ -142,6 +151,82 @@ def test_derangement_has_no_fixed_point_and_follows_the_seed():
     assert len({tuple(ev.derangement(8, s)) for s in range(20)}) > 10
     with pytest.raises(ValueError, match="at least 2 held-out clips"):
         ev.derangement(1, 0)
+
+
+def test_visual_gain_is_taken_against_the_trained_layout():
+    """g trained with --inject local: the controls sit at its [SOC-L] positions, so the visual
+    gain and the controls' differences are against `local`, not `full`, and say so."""
+    rng = np.random.default_rng(3)
+    nll, tok = simulate(rng, 60, 2.0)
+    factor = {"none": 1.0, "local": 0.8, "full": 0.6, "zero": 0.95, "shuffled": 0.9}
+    conds = {c: nll * f for c, f in factor.items()}
+    rep = ev.ppl_report(conds, dict.fromkeys(conds, tok), 200, 0, layout="local")
+    c, gain = rep["conditions"], rep["visual_gain"]
+    assert gain["against"] == "local"
+    assert gain["ppl"] == pytest.approx(c["shuffled"]["ppl"] - c["local"]["ppl"])
+    assert gain["ppl"] != pytest.approx(c["shuffled"]["ppl"] - c["full"]["ppl"])
+    assert gain["ci95"][0] > 0  # shuffled is worse than local on every utterance
+    zero = c["zero"]["minus_layout"]
+    assert zero["against"] == "local" and zero["ci95"][0] > 0
+    assert zero["ppl"] == pytest.approx(c["zero"]["ppl"] - c["local"]["ppl"])
+    assert "minus_layout" not in c["full"] and "minus_layout" not in c["none"]
+    md = ev.summary_markdown(ppl={**rep, "split": "val", "utterances": 60})
+    assert "Visual gain (shuffled − local)" in md and "local / shuffled" in md
+    assert "full / shuffled" not in md
+    without = {k: conds[k] for k in ("none", "full", "shuffled")}
+    rep = ev.ppl_report(without, dict.fromkeys(without, tok), 50, 0, layout="local")
+    assert "visual_gain" not in rep  # the trained layout was not evaluated: no gain against it
+
+
+def test_social_vectors_of_every_condition():
+    """none: no vectors; global/local/full: g(v_j) of the own clip's frame nearest each word;
+    zero: zeros and shuffled: g of the donor clip's frame at the same time, both in g's layout."""
+    torch.manual_seed(0)
+    g, feats = common.Projector(6, 8, 2, 16).eval(), torch.randn(6, 6)
+    times = np.array([0.0, 1.0, 2.0])
+    clip_index = {"a": (np.array([0, 1, 2]), times), "b": (np.array([3, 4, 5]), times)}
+    items = [  # words at 0.1 s and 1.9 s of clip a; none; one at 1.2 s of clip b
+        TokenizedUtterance(np.arange(5), 1, np.array([1, 3]), np.array([0.1, 1.9]), "a"),
+        TokenizedUtterance(np.arange(3), 1, np.zeros(0, np.int64), np.zeros(0), "b"),
+        TokenizedUtterance(np.arange(4), 1, np.array([2]), np.array([1.2]), "b"),
+    ]
+    social = partial(ev.social_vectors, g, feats, clip_index, "local", {"a": "b", "b": "a"})
+    assert social(items, "none") == ("none", None)
+    with torch.no_grad():
+        for condition in ("global", "local", "full"):
+            inject, soc_l = social(items, condition)
+            assert inject == condition
+            torch.testing.assert_close(soc_l, g(feats[[0, 2, 4]]))
+        inject, soc_l = social(items, "shuffled")
+        assert inject == "local"
+        torch.testing.assert_close(soc_l, g(feats[[3, 5, 1]]))
+        inject, soc_l = social(items, "zero")
+        assert inject == "local" and soc_l.shape == (3, 8) and not soc_l.any()
+
+
+def test_steps_take_a_seeded_random_subset_not_the_shortest():
+    """--steps N evaluates N batches of a seeded random subset of the utterances (then batched by
+    length), not the N·batch_size shortest."""
+    lengths = np.random.default_rng(0).permutation(np.arange(5, 65))  # 60 distinct lengths
+    none = np.zeros(0, np.int64)
+    items = [TokenizedUtterance(np.arange(n), 1, none, np.zeros(0), "c") for n in lengths]
+    batches = ev.length_batches(items, 4, steps=3, seed=1)
+    chosen = np.concatenate(batches)
+    assert [len(b) for b in batches] == [4, 4, 4] and len(set(chosen.tolist())) == 12
+    assert set(chosen.tolist()) != set(np.argsort(lengths)[:12].tolist())
+    assert lengths[chosen].max() > np.sort(lengths)[11]  # not only the 12 shortest
+    assert lengths[chosen].tolist() == sorted(lengths[chosen].tolist())  # batched by length
+    again = ev.length_batches(items, 4, steps=3, seed=1)
+    assert [b.tolist() for b in again] == [b.tolist() for b in batches]  # the seed fixes it
+    other = np.concatenate(ev.length_batches(items, 4, steps=3, seed=2))
+    assert set(other.tolist()) != set(chosen.tolist())
+    mean = np.mean(
+        [lengths[np.concatenate(ev.length_batches(items, 4, 3, s))].mean() for s in range(200)]
+    )
+    assert abs(mean - lengths.mean()) < 1.5  # unbiased: the subsets' mean length is the data's
+    for steps in (0, 100):  # all of them, each once
+        everything = np.concatenate(ev.length_batches(items, 4, steps, seed=1))
+        assert sorted(everything.tolist()) == list(range(60))
 
 
 # --------------------------------------------------------------------------------------------
@@ -361,7 +446,7 @@ def test_rsa_files_read_in_index_order(tmp_path):
 @pytest.mark.parametrize(
     "text, match",
     [
-        ("item_id,c1,c2\n", r"lacks column\(s\) \['clip_id', 'text'\]"),
+        ("item_id,c1,c2\n", r"lacks (column\(s\) )?\['clip_id', 'text'\]"),
         ("item_id,clip_id,text\na,c,\nb,,\nc,c,t\n", r"line 3: item 'b' has neither"),
         ("item_id,clip_id,text\na,c,\nb,c,\na,c,t\n", r"line 4: item_id 'a' repeats line 2"),
         ("item_id,clip_id,text\na,c,\nb,c,\n", "2 item"),
@@ -377,7 +462,7 @@ def test_bad_index_files(tmp_path, text, match):
 @pytest.mark.parametrize(
     "text, match",
     [
-        ("item_id,a,b\na,1,0\nb,0,1\n", "missing id 'c'"),  # smaller than the index
+        ("item_id,a,b\na,1,0\nb,0,1\n", "column id 'c' is missing"),  # smaller than the index
         ("item_id,a,b,c,d\na,1,0,0,0\nb,0,1,0,0\nc,0,0,1,0\nd,0,0,0,1\n", "column id 'd' is not"),
         ("item_id,a,b,c\na,1,0,0\nb,0,1,0\nx,0,0,1\n", "row id 'x' is not in the index"),
         ("item_id,a,b,c\na,1,0,0\nb,0,1,0\nc,0,0,1\na,1,0,0\n", "row id 'a' appears more"),
@@ -400,7 +485,7 @@ def test_bad_similarity_matrices(tmp_path, text, match):
         ("item_a,item_b,item_c,odd\na,b,z,a\n", "line 2: item id 'z' is not in the index"),
         ("item_a,item_b,item_c,odd\na,b,c,a\na,b,c,d\n", "line 3: odd 'd' is not one of"),
         ("item_a,item_b,item_c,odd\na,a,c,a\n", "three different items"),
-        ("item_a,item_b,odd\na,b,a\n", "lacks column"),
+        ("item_a,item_b,odd\na,b,a\n", r"lacks (column\(s\) )?\['item_c'\]"),
     ],
 )
 def test_bad_triplet_files(tmp_path, text, match):
@@ -428,8 +513,6 @@ def tiny_lm_dir(data, out):
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    import common
-
     texts = [u["text"] for u in common.read_utterances(data)]
     words = sorted({w for t in texts for w in re.findall(r"\w+|[^\w\s]+", t)})
     vocab = {w: i for i, w in enumerate(["<pad>", "<eos>", "<bos>", "<unk>", *words])}
@@ -453,7 +536,6 @@ def tiny_lm_dir(data, out):
 @pytest.fixture(scope="module")
 def trained(demo_data, tmp_path_factory):
     """(data, projector dir, LM dir): g trained for a few steps by train_proj.py on the demo."""
-    import common
     import train_proj
 
     root = tmp_path_factory.mktemp("eval_e2e")
@@ -473,8 +555,6 @@ def trained(demo_data, tmp_path_factory):
 def write_rsa_inputs(folder, data):
     """An index of demo clips (transcript), texts alone and texts with a clip; a random human
     matrix; random triplets."""
-    import common
-
     clips = sorted({u["clip_id"] for u in common.read_utterances(data)})
     rows = [(f"clip{k}", c, "") for k, c in enumerate(clips)]
     rows += [("t0", "", "a man waves"), ("t1", "", "the woman laughs at the man")]
@@ -573,13 +653,71 @@ def test_rsa_runs_on_text_alone_without_projector(trained, tmp_path):
 
 
 def test_unknown_clip_in_index_and_missing_inputs_are_named(demo_data, tmp_path):
-    import common
-
     clip_index = common.clip_frame_index(common.read_manifest(demo_data))
     index = [{"item_id": "z9", "clip_id": "no_such_clip", "text": "hello"}]
     with pytest.raises(ValueError, match=r"idx.csv: item 'z9': clip 'no_such_clip' has no frames"):
-        ev.rsa_items(index, tmp_path / "idx.csv", None, demo_data, clip_index, False, "", 64)
+        ev.rsa_items(index, tmp_path / "idx.csv", None, demo_data, clip_index, None, 64)
     with pytest.raises(SystemExit, match="--what attention needs --data, --projector"):
         ev.main(["--data", str(demo_data), "--what", "attention"])
     with pytest.raises(SystemExit, match="--what: unknown part 'plots'"):
         ev.main(["--data", str(demo_data), "--what", "ppl,plots"])
+
+
+def saved_as(proj, folder, **fields):
+    """A copy of a train_proj.py --out whose projector.json has `fields` (None: field removed)."""
+    shutil.copytree(proj, folder)
+    cfg = {**json.loads((folder / "projector.json").read_text()), **fields}
+    (folder / "projector.json").write_text(
+        json.dumps({k: v for k, v in cfg.items() if v is not None})
+    )
+    return folder
+
+
+def test_controls_use_the_trained_layout_end_to_end(trained, tmp_path):
+    """g saved with --inject local: the controls sit at its [SOC-L] positions and the visual gain
+    is shuffled - local, in ppl.json and summary.md; --steps evaluates steps·batch_size."""
+    data, proj, _ = trained
+    local = saved_as(proj, tmp_path / "proj", inject="local")
+    args = ["--data", str(data), "--projector", str(local), "--out", str(tmp_path), "--what", "ppl"]
+    ev.main([*args, "--split", "train", "--bootstrap", "100", "--device", "cpu"])
+    ppl = json.loads((tmp_path / "eval" / "ppl.json").read_text())
+    c, gain = ppl["conditions"], ppl["visual_gain"]
+    assert ppl["controls_layout"] == "local" and gain["against"] == "local"
+    assert gain["ppl"] == pytest.approx(c["shuffled"]["ppl"] - c["local"]["ppl"])
+    assert c["zero"]["minus_layout"]["against"] == "local"
+    assert c["zero"]["minus_layout"]["ppl"] == pytest.approx(c["zero"]["ppl"] - c["local"]["ppl"])
+    assert "Visual gain (shuffled − local)" in (tmp_path / "eval" / "summary.md").read_text()
+    ev.main([*args, "--split", "train", "--steps", "2", "--batch-size", "3", "--device", "cpu"])
+    ppl = json.loads((tmp_path / "eval" / "ppl.json").read_text())
+    assert ppl["utterances"] == 6 == ppl["conditions"]["none"]["utterances"] and ppl["steps"] == 2
+
+
+def test_L_is_loaded_in_the_dtype_g_was_trained_against(trained, tmp_path, monkeypatch):
+    """projector.json's lm_dtype picks L's dtype (bfloat16 even on the CPU), --lm-dtype overrides
+    it, and ppl.json records it; without the field, load_lm's default (float32 on the CPU)."""
+    data, proj, _ = trained
+    assert json.loads((proj / "projector.json").read_text())["lm_dtype"] == "float32"
+    loaded, load_lm = [], common.load_lm
+
+    def spy(*args, **kwargs):
+        L, tokenizer = load_lm(*args, **kwargs)
+        loaded.append(L)
+        return L, tokenizer
+
+    monkeypatch.setattr(common, "load_lm", spy)
+    args = ["--data", str(data), "--what", "ppl", "--conditions", "none,full", "--device", "cpu"]
+    args += ["--bootstrap", "20"]
+    for name, fields, flag, dtype in [
+        ("bf16", {"lm_dtype": "bfloat16"}, [], torch.bfloat16),
+        ("override", {"lm_dtype": "bfloat16"}, ["--lm-dtype", "float32"], torch.float32),
+        ("absent", {"lm_dtype": None}, [], torch.float32),
+    ]:
+        g = saved_as(proj, tmp_path / name, **fields)
+        ev.main([*args, "--projector", str(g), "--out", str(tmp_path / name), *flag])
+        assert loaded[-1].dtype == dtype and next(loaded[-1].parameters()).dtype == dtype
+        ppl = json.loads((tmp_path / name / "eval" / "ppl.json").read_text())
+        assert ppl["lm_dtype"] == str(dtype).removeprefix("torch.")
+        assert math.isfinite(ppl["conditions"]["full"]["ppl"])
+    bad = saved_as(proj, tmp_path / "bad", lm_dtype="float16")
+    with pytest.raises(ValueError, match=r"bad/projector.json: lm_dtype 'float16'"):
+        ev.main([*args, "--projector", str(bad), "--out", str(tmp_path / "bad")])

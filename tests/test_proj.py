@@ -300,27 +300,24 @@ def test_frozen_head_nll_in_chunks():
 # --------------------------------------------------------------------------------------------
 
 
+def proj_init_args(*extra: str):
+    return train_proj.get_args_parser().parse_args(["--data", "x", "--proj-hidden", "64", *extra])
+
+
 def test_projector_starts_at_the_scale_of_token_embeddings():
     L = tiny_gemma()
-    embed = L.get_input_embeddings()
-    target = common.embedding_norm(embed)
-    # Gemma 3 scales inside the embedding module: the norm is that of its output
-    raw = embed.weight.norm(dim=-1).median().item()
-    assert target == pytest.approx(raw * math.sqrt(32), rel=0.05)
-    g = common.Projector(48, 32, depth=2, hidden=64)
     v = 50.0 * torch.randn(256, 48) + 3.0  # any feature scale
-    g.fit_input_stats_(v)
-    g.calibrate_(target)
-    assert g(v).norm(dim=-1).mean().item() == pytest.approx(target, rel=0.15)
+    g = train_proj.init_projector(48, L, v, proj_init_args())
+    # Gemma 3 scales inside the embedding module: the target is the norm of its output
+    raw = L.get_input_embeddings().weight.norm(dim=-1).median().item()
+    assert g(v).norm(dim=-1).mean().item() == pytest.approx(raw * math.sqrt(32), rel=0.15)
 
 
 def test_projector_input_standardisation_keeps_scene_differences():
     # [CLS] vectors of one video: a large shared component, a few percent of spread
     gen = torch.Generator().manual_seed(0)
     v = 10.0 * torch.randn(1, 48, generator=gen) + 0.3 * torch.randn(256, 48, generator=gen)
-    g = common.Projector(48, 32, depth=2, hidden=64)
-    g.fit_input_stats_(v)
-    g.calibrate_(1.0)
+    g = train_proj.init_projector(48, tiny_gemma(), v, proj_init_args())
     out = g(v)
     assert torch.allclose(g.v_mean, v.mean(0)) and torch.allclose(g.v_std, v.std(0))
     # outputs differ between inputs about as much as their norm: the frames are not washed out
@@ -408,8 +405,8 @@ def test_resume_equals_uninterrupted(
 
     real_save = common.save_checkpoint
 
-    def save_then_die(path, state):
-        real_save(path, state)
+    def save_then_die(path, state, args):
+        real_save(path, state, args)
         if state["step"] == 4:
             raise Stop
 

@@ -201,30 +201,34 @@ def insert_social_tokens(items, soc_l, embed, inject="full", padding_side="right
         raise ValueError(f"soc_l: expected {sum(n_words)} rows (one per content word), got {got}")
     use_g, use_l = inject in ("global", "full"), inject in ("local", "full")
     # Every vector is a row of one table: text embeddings, the [SOC-L], each utterance's
-    # [SOC-G], a zero row for padding. A sequence is a list of (row, role, label).
+    # [SOC-G], a zero row for padding. A sequence is the rows it reads, with roles and labels.
     n_text = sum(len(it.input_ids) for it in items)
     soc_l0, soc_g0 = n_text, n_text + sum(n_words)
     zero = soc_g0 + (len(items) if inject != "none" else 0)
     seqs, text0, word0 = [], 0, 0
     for b, (it, w) in enumerate(zip(items, n_words, strict=True)):
-        seq, k = [(text0, BOS, -100)], 0
-        if use_g and w:
-            seq.append((soc_g0 + b, SOC_G, -100))
-        for j in range(1, len(it.input_ids)):
-            seq.append((text0 + j, TEXT, it.input_ids[j] if j >= it.score_from else -100))
-            while k < w and it.t_p[k] == j:  # [SOC-L]_p right after t_p
-                if use_l:
-                    seq.append((soc_l0 + word0 + k, SOC_L, -100))
-                k += 1
-        seqs.append(seq)
-        text0, word0 = text0 + len(it.input_ids), word0 + w
-    B, T = len(items), max(len(s) for s in seqs)
+        j = np.arange(len(it.input_ids))
+        text = (
+            text0 + j,
+            np.where(j == 0, BOS, TEXT),
+            np.where(j >= it.score_from, it.input_ids, -100),
+        )
+        at, row, role = [], [], []  # social tokens, inserted before text index `at`
+        if use_g and w:  # [SOC-G] right after BOS
+            at, row, role = [1], [soc_g0 + b], [SOC_G]
+        if use_l:  # [SOC-L]_p right after t_p, in word order
+            at += (it.t_p + 1).tolist()
+            row += range(soc_l0 + word0, soc_l0 + word0 + w)
+            role += [SOC_L] * w
+        seqs.append([np.insert(x, at, v) for x, v in zip(text, (row, role, -100), strict=True)])
+        text0, word0 = text0 + len(j), word0 + w
+    B, T = len(items), max(len(s[0]) for s in seqs)
     src, roles, labels = np.full((B, T), zero), np.full((B, T), PAD), np.full((B, T), -100)
     position_ids = np.zeros((B, T), dtype=np.int64)
-    for b, seq in enumerate(seqs):
-        span = slice(T - len(seq), T) if padding_side == "left" else slice(0, len(seq))
-        src[b, span], roles[b, span], labels[b, span] = np.array(seq, dtype=np.int64).T
-        position_ids[b, span] = np.arange(len(seq))
+    for b, (r, k, lab) in enumerate(seqs):
+        span = slice(T - len(r), T) if padding_side == "left" else slice(0, len(r))
+        src[b, span], roles[b, span], labels[b, span] = r, k, lab
+        position_ids[b, span] = np.arange(len(r))
 
     def dev(a) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(embed.weight.device)

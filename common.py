@@ -46,14 +46,15 @@ def content_words(utt: dict) -> list[tuple[int, int, float]]:
     """(char_start, char_end, t_sec) of the utterance's nouns and verbs (prep.py's `content`)."""
     n, out = len(utt["text"]), []
     for i, w in enumerate(utt.get("words", [])):
+        if not w.get("content"):
+            continue
         a, b = int(w["char_start"]), int(w["char_end"])
-        if w.get("content") and not 0 <= a < b <= n:
+        if not 0 <= a < b <= n:
             raise ValueError(
                 f"utterance (clip {utt.get('clip_id')!r}, turn {utt.get('turn')!r}): word {i} "
                 f"{w.get('text')!r} has char span [{a}, {b}), expected 0 <= start < end <= {n}"
             )
-        if w.get("content"):
-            out.append((a, b, float(w["t_sec"])))
+        out.append((a, b, float(w["t_sec"])))
     return out
 
 
@@ -61,15 +62,17 @@ def tokenize_utterance(tokenizer, utt, context=(), max_len=None) -> TokenizedUtt
     """Tokenize with offsets and find t_p. `context`: earlier turns (--task next-utterance),
     read but not scored. Past `max_len` (social tokens of --inject full counted) the oldest
     context turns go first, then the utterance's tail."""
-    assert max_len is None or max_len >= 2, "max_len must leave room for BOS and a token"
+    if max_len is not None and max_len < 2:
+        raise ValueError(f"max_len must leave room for BOS and a token, got {max_len}")
     turns = [*context, utt]
     for start in range(len(turns)):
         item = _tokenize_turns(tokenizer, turns[start:])
         if max_len is None or social_length(item, "full") <= max_len:
             return item
-    keep = np.arange(len(item.input_ids) + 1)  # the longest prefix that fits
+    keep = np.arange(len(item.input_ids) + 1)  # candidate prefix lengths
     words = np.searchsorted(item.t_p, keep, side="left")  # content words whose t_p < keep
-    n = int(keep[keep + np.where(words > 0, words + 1, 0) <= max_len].max())
+    total = keep + np.where(words > 0, words + 1, 0)  # with their [SOC-L] and one [SOC-G]
+    n = int(keep[total <= max_len].max())  # the longest prefix that fits
     w = int(words[n])
     return TokenizedUtterance(
         item.input_ids[:n], min(item.score_from, n), item.t_p[:w], item.word_t[:w], item.clip_id
@@ -83,6 +86,8 @@ def _tokenize_turns(tokenizer, turns: Sequence[dict]) -> TokenizedUtterance:
         start = len(text)
         words += [(start + a, start + b, t) for a, b, t in content_words(turn)]
         text += turn["text"]
+    if tokenizer.bos_token_id is None:
+        raise ValueError("L's tokenizer has no BOS token; the layout puts BOS at position 0")
     enc = tokenizer(text, return_offsets_mapping=True)
     ids = np.asarray(enc["input_ids"], dtype=np.int64)
     offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
@@ -152,14 +157,18 @@ def word_frames(item: TokenizedUtterance, clip_index: dict, clip_id: str | None 
     clip_id = item.clip_id if clip_id is None else clip_id
     if len(item.word_t) == 0:
         return np.zeros(0, dtype=np.int64)
+    if clip_id not in clip_index:
+        raise KeyError(f"clip {clip_id!r} has no frames in the manifest")
     rows, times = clip_index[clip_id]
     return np.array([rows[nearest_frame(times, t)] for t in item.word_t], dtype=np.int64)
 
 
 def social_length(item: TokenizedUtterance, inject: str) -> int:
     """Length of `item` once its social tokens are in (no content word: none go in)."""
-    w = len(item.t_p) if inject != "none" else 0
-    return len(item.input_ids) + (w > 0) * (inject in ("global", "full")) + w * (inject != "global")
+    w = len(item.t_p)
+    soc_g = int(w > 0 and inject in ("global", "full"))
+    soc_l = w if inject in ("local", "full") else 0
+    return len(item.input_ids) + soc_g + soc_l
 
 
 @dataclass
@@ -263,7 +272,8 @@ class Projector(torch.nn.Module):
 
     def __init__(self, in_dim: int, out_dim: int, depth: int = 2, hidden: int | None = None):
         super().__init__()
-        assert depth >= 1, f"Projector: depth must be >= 1, got {depth}"
+        if depth < 1:
+            raise ValueError(f"Projector: depth (--proj-depth) must be >= 1, got {depth}")
         hidden = hidden or out_dim
         dims = [in_dim] + [hidden] * (depth - 1) + [out_dim]
         self.register_buffer("v_mean", torch.zeros(in_dim))
@@ -438,7 +448,7 @@ def build_vit(
 def normalize_frames(frames: torch.Tensor) -> torch.Tensor:
     """uint8 [B, H, W, 3] (or float [B, 3, H, W] in [0, 1]) -> V's input: ImageNet mean/std."""
     x = frames.permute(0, 3, 1, 2).float().div_(255.0) if frames.dtype == torch.uint8 else frames
-    # made on the device from scalars: a host-to-device copy here would sync every step
+    # made on the device from scalars: a host-to-device copy of a list would sync each call
     mean, std = (
         torch.stack([x.new_full((), c) for c in ms]).view(1, 3, 1, 1)
         for ms in (IMAGENET_MEAN, IMAGENET_STD)
@@ -773,7 +783,8 @@ def sync(device: torch.device) -> None:
 
 
 def matmul_peak_tflops(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> float:
-    """MFU's denominator, measured once: the best of 8 timings of 8192^3 matmuls (1024^3 on CPU)."""
+    """MFU's denominator, measured once: the best of 9 timings of 8192^3 matmuls (1024^3 on
+    CPU), so that other work on the machine, which only slows some, does not lower it."""
     n, reps = (8192, 10) if device.type == "cuda" else (1024, 3)
     a = torch.randn(n, n, device=device, dtype=dtype)
     best = float("inf")
@@ -797,12 +808,13 @@ def peak_memory_gb(device: torch.device) -> float:
 
 
 def cosine_schedule(base, final, total: int, warmup: int = 0, start: float = 0.0) -> np.ndarray:
-    """One value per step: linear warm-up from `start` to `base` over `warmup` steps, then a
-    cosine to `final` (computed up front: reading a step's value costs no device sync)."""
+    """One value per step: a linear warm-up from `start` that reaches `base` at its last step
+    (so that a first step already moves), then a cosine from `base` to `final`. Computed up
+    front: reading a step's value costs no device sync."""
     warmup = min(warmup, total)
     t = np.arange(total - warmup)
     cos = final + 0.5 * (base - final) * (1 + np.cos(np.pi * t / max(1, len(t))))
-    return np.concatenate([np.linspace(start, base, warmup, endpoint=False), cos])
+    return np.concatenate([np.linspace(start, base, warmup + 1)[1:], cos])
 
 
 def param_groups(module: torch.nn.Module, weight_decay: float, **extra: Any) -> list[dict]:

@@ -85,7 +85,10 @@ def derangement(n: int, seed: int) -> np.ndarray:
     """A uniformly random permutation of range(n) without fixed point (rejection sampling, ~e
     draws): clip i takes its frames from clip perm[i] != i in the `shuffled` control."""
     if n < 2:
-        raise ValueError(f"the shuffled control needs at least 2 held-out clips; got {n}")
+        raise ValueError(
+            f"the shuffled control needs at least 2 held-out clips with content words, got {n} "
+            "(leave `shuffled` out of --conditions)"
+        )
     rng = np.random.default_rng(seed)
     while np.any((perm := rng.permutation(n)) == np.arange(n)):
         pass
@@ -99,12 +102,14 @@ def social_vectors(g, feats, clip_index, layout, donors, items, condition):
     if condition == "none":
         return "none", None
     inject = layout if condition in ("zero", "shuffled") else condition
-    if condition == "zero":
-        return inject, feats.new_zeros(sum(len(it.t_p) for it in items), g.config["out_dim"])
-    clip = (lambda it: donors[it.clip_id]) if condition == "shuffled" else (lambda it: None)
-    rows = [common.word_frames(it, clip_index, clip(it)) for it in items if len(it.t_p)]
-    rows = torch.from_numpy(np.concatenate([np.zeros(0, np.int64), *rows]))
-    return inject, g(feats[rows.to(feats.device)])
+    n_words = sum(len(it.t_p) for it in items)
+    if condition == "zero" or n_words == 0:  # (no content word: no V features were loaded)
+        return inject, torch.zeros(n_words, g.config["out_dim"], device=g.v_mean.device)
+    rows = []
+    for it in items:  # the frames of the item's own clip, or of its donor clip (`shuffled`)
+        clip = donors[it.clip_id] if condition == "shuffled" and len(it.t_p) else None
+        rows.append(common.word_frames(it, clip_index, clip))
+    return inject, g(feats[torch.from_numpy(np.concatenate(rows)).to(feats.device)])
 
 
 # ============ perplexity with intervals ============
@@ -495,7 +500,7 @@ def load_projector(path: Path, device: torch.device):
     tensors, cfg = common.load_safetensors(file)
     if missing := [k for k in ("in_dim", "out_dim", "depth", "hidden", "inject") if k not in cfg]:
         raise ValueError(f"{file.with_suffix('.json')}: missing field(s) {missing}")
-    if (dtype := cfg.get("lm_dtype", "float32")) not in DTYPES[1:]:
+    if (dtype := cfg.get("lm_dtype", "bfloat16")) not in DTYPES[1:]:  # absent: load_lm's default
         raise ValueError(f"{file.with_suffix('.json')}: lm_dtype {dtype!r}; expected {DTYPES[1:]}")
     g = common.Projector(cfg["in_dim"], cfg["out_dim"], cfg["depth"], cfg["hidden"])
     g.load_state_dict(tensors)

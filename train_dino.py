@@ -3,8 +3,8 @@
 Paper §"Finetuning the visual encoder": V (DINOv2, timm `vit_small_patch14_dinov2`; the paper's
 `vit_base_patch14_dinov2` with --arch) learns DINO's objective (Caron et al. 2021) on the frames,
 so that its [CLS] embedding v_j carries the social scene. A student (V + DINO head) sees 2 global
-and --local-crops local crops of each frame (made on the GPU: end of file), its EMA the teacher
-the global ones; the loss is H(P_t(x), P_s(x')) over pairs of views x != x', P_t centred (a
+and --local-crops local crops of each frame (made on the GPU: end of file); the teacher, an EMA
+of the student, sees the 2 global ones; the loss is H(P_t(x), P_s(x')) over pairs of views x != x', P_t centred (a
 moving mean, all-reduced over ranks) and sharpened. python (CPU, one GPU) or torchrun; writes
 checkpoint.pt (rerun to resume), metrics.jsonl and the teacher's V (encoder.safetensors + .json)
 under --out. Defaults: DINO's ViT recipe for GPUs (CPU: README); a random V starts LayerScale at
@@ -328,7 +328,7 @@ def train_step(student, teacher, opt, loss_fn, center, sched, step, globals_, lo
     from schedules(). Returns (loss, new centre), device tensors: no host sync."""
     for group in opt.param_groups:
         group["lr"] = float(sched["lr"][step])
-    opt.param_groups[0]["weight_decay"] = float(sched["weight_decay"][step])  # 1: no decay
+    opt.param_groups[0]["weight_decay"] = float(sched["weight_decay"][step])  # [1]: 1-d, none
     with torch.autocast(globals_.device.type, torch.bfloat16, enabled=globals_.is_cuda):
         with torch.no_grad():
             t_out = teacher(globals_)  # the teacher sees the 2 global views only

@@ -90,17 +90,19 @@ def init_projector(in_dim: int, L, v_train: torch.Tensor | None, args) -> common
         std = v_train.float().std(0)
         g.v_mean.copy_(v_train.float().mean(0))
         g.v_std.copy_(std.clamp_min(1e-6 * std.max().item() + 1e-12))
-    embed, gen = L.get_input_embeddings(), torch.Generator().manual_seed(args.seed)
-    ids = torch.randint(0, embed.weight.shape[0], (4096,), generator=gen)
+    embed, vocab = L.get_input_embeddings(), L.get_input_embeddings().weight.shape[0]
+    ids = torch.randint(0, vocab, (min(4096, vocab),), generator=torch.Generator().manual_seed(0))
     target = embed(ids.to(embed.weight.device)).float().norm(dim=-1).median().item()
     last = g.net[-1]
     last.bias.zero_()
-    x = torch.randn(1024, in_dim, generator=gen)  # standardised inputs
-    last.weight.mul_(target / g.net(x).norm(dim=-1).mean().item())
+    x = torch.randn(
+        1024, in_dim, generator=torch.Generator().manual_seed(args.seed)
+    )  # standardised
+    last.weight.mul_(target / g.net(x.to(last.weight)).norm(dim=-1).mean().item())
     return g
 
 
-def social_vectors(g, V, rows: list[np.ndarray], features, frames, device) -> torch.Tensor:
+def soc_l_of_frames(g, V, rows: list[np.ndarray], features, frames, device) -> torch.Tensor:
     """soc_l = g(v_j), one per content word of the batch: v_j from the cached features, or
     V(F_j) with --train-encoder (each distinct frame through V once)."""
     uniq, inverse = np.unique(np.concatenate(rows), return_inverse=True)
@@ -119,7 +121,7 @@ def batch_nll(L, g, V, items, rows, features, frames, args, device) -> tuple[tor
     §"Training objective") and their count."""
     soc_l = None
     if args.inject != "none":
-        soc_l = social_vectors(g, V, rows, features, frames, device)
+        soc_l = soc_l_of_frames(g, V, rows, features, frames, device)
     batch = common.insert_social_tokens(items, soc_l, L.get_input_embeddings(), args.inject)
     nll = common.token_nll(L, batch, args.compile).sum()
     if soc_l is not None:  # a batch without content words still reaches every parameter (DDP)

@@ -16,7 +16,7 @@ from scipy.stats import spearmanr
 
 import common
 import evaluate as ev
-from common import TokenizedUtterance, read_utterances
+from common import BOS, TEXT, TokenizedUtterance, read_utterances
 
 # --------------------------------------------------------------------------------------------
 # Tiny random Gemma 3 (the embedded model's class, a few thousand weights)
@@ -202,6 +202,13 @@ def test_social_vectors_of_every_condition():
         torch.testing.assert_close(soc_l, g(feats[[3, 5, 1]]))
         inject, soc_l = social(items, "zero")
         assert inject == "local" and soc_l.shape == (3, 8) and not soc_l.any()
+        # items without content words need no features (text-only RSA items with a projector)
+        no_feats = partial(ev.social_vectors, g, None, clip_index, "full", None)
+        for condition in ("full", "zero", "shuffled"):
+            inject, soc_l = no_feats(items[1:2], condition)
+            assert inject == "full" and soc_l.shape == (0, 8)
+        batch = common.insert_social_tokens(items[1:2], soc_l, torch.nn.Embedding(9, 8), inject)
+        assert (batch.roles == TEXT).sum() + (batch.roles == BOS).sum() == 3
 
 
 def test_steps_take_a_seeded_random_subset_not_the_shortest():
@@ -634,7 +641,9 @@ def test_full_condition_reproduces_train_proj_validation(trained, tmp_path):
     assert ppl["conditions"]["full"]["ppl"] == pytest.approx(cfg["val_ppl"], rel=1e-4)
     n_val_clips = len({u["clip_id"] for u in read_utterances(data, "val")})
     if n_val_clips == 1:
-        with pytest.raises(SystemExit, match="needs at least 2 held-out clips; got 1"):
+        with pytest.raises(
+            SystemExit, match="needs at least 2 held-out clips with content words, got 1"
+        ):
             ev.main(args)
 
 

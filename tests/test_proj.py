@@ -337,7 +337,7 @@ def test_gradient_reaches_g_and_V_never_L(tokenizer, tiny_encoder_dir):
     # each distinct frame goes through V once; soc_l follows the words
     seen = []
     V.register_forward_hook(lambda m, i, o: seen.append(i[0].shape))
-    soc_l = train_proj.social_vectors(g, V, rows, None, frames, cpu)
+    soc_l = train_proj.soc_l_of_frames(g, V, rows, None, frames, cpu)
     assert seen == [(2, 3, 112, 196)] and soc_l.shape == (3, 32)
     torch.testing.assert_close(soc_l[0], soc_l[2])
     args = train_proj.get_args_parser().parse_args(["--data", "x", "--inject", "full"])

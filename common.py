@@ -456,11 +456,11 @@ def normalize_frames(frames: torch.Tensor) -> torch.Tensor:
     return (x - mean) / std
 
 
-def export_encoder(V: torch.nn.Module, out_dir: str | Path, config: dict) -> Path:
-    """V as out_dir/encoder.safetensors + encoder.json (config plus embed_dim, patch_size)."""
+def export_encoder(V: torch.nn.Module, out_dir, config: dict, name: str = "encoder") -> Path:
+    """V as out_dir/{name}.safetensors + {name}.json (config plus embed_dim, patch_size)."""
     cfg = {**config, "embed_dim": V.embed_dim, "patch_size": list(V.patch_embed.patch_size)}
-    save_safetensors(Path(out_dir) / "encoder.safetensors", V.state_dict(), cfg)
-    return Path(out_dir) / "encoder.safetensors"
+    save_safetensors(Path(out_dir) / f"{name}.safetensors", V.state_dict(), cfg)
+    return Path(out_dir) / f"{name}.safetensors"
 
 
 def load_encoder(path: str | Path, device="cpu") -> tuple[torch.nn.Module, dict]:

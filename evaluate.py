@@ -40,7 +40,9 @@ from common import BOS, PAD, SOC_G, SOC_L, TEXT
 CONDITIONS = ("none", "global", "local", "full", "zero", "shuffled")
 POOL_MODES = ("all", "exclude_soc", "only_soc", "locals_only", "eos")
 GROUP_NAMES = ("bos", "text", "soc_g", "soc_l")  # indexed by the roles BOS, TEXT, SOC_G, SOC_L
-PARTS = {"ppl": "--data", "attention": "--data, --projector", "rsa": "--index, --sim-rsm|triplets"}
+PARTS = {"ppl": "--data", "attention": "--data, --projector", "rsa": "--index, --sim-rsm|triplets",
+         "encoder_probe": "--data with scenes.csv, --projector or --encoder"}  # fmt: skip
+SLOTS = ("actor", "action", "target")  # who does what to whom: scenes.csv's columns
 DTYPES = ("auto", "bfloat16", "float32")  # of L; auto: what g was trained against
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -451,7 +453,7 @@ def ci(interval, fmt: str = ".2f") -> str:
     return f"[{interval[0]:{fmt}}, {interval[1]:{fmt}}]"
 
 
-def summary_markdown(ppl=None, attention=None, rsa=None) -> str:
+def summary_markdown(ppl=None, attention=None, rsa=None, encoder_probe=None) -> str:
     """A markdown digest of ppl.json, attention.json and rsa.json (those given)."""
     md = ["# Evaluation summary"]
 
@@ -490,7 +492,64 @@ def summary_markdown(ppl=None, attention=None, rsa=None) -> str:
             stats = f"{r['rho']:.3f} | {ci(r['ci95'], '.3f')} | {r['p_value']:.4f} | {r['items']}"
             md.append(f"| {r['human']} | {r['layer']} | {stats} | {r['pairs']} | {ooo} |")
         md.append(f"\nLayer: {rsa['results'][0]['layer_choice']}.")
+    if encoder_probe:
+        n = " / ".join(f"{v} {k}" for k, v in encoder_probe["frames"].items())
+        md.append(f"\n## Encoder probe: linear probe of V's [CLS] ({n} frames)")
+        table("V", *SLOTS)
+        for k in (k for k in ("untrained", "fine_tuned", "chance") if k in encoder_probe):
+            md.append(f"| {k} | " + " | ".join(f"{encoder_probe[k][s]:.3f}" for s in SLOTS) + " |")
     return "\n".join(md) + "\n"
+
+
+# ============ the encoder probe (demo): does V's [CLS] tell who does what to whom? ============
+def scene_labels(path: Path, rows: list[dict]) -> list[dict | None]:
+    """The scene (scenes.csv: actor, action, target) each manifest row's frame shows, or None."""
+    scenes: dict[str, list[dict]] = {}
+    for _, s in common.read_csv(path, ("clip_id", "start", "end", *SLOTS)):
+        scenes.setdefault(s["clip_id"], []).append(s)
+    inside = lambda s, t: float(s["start"]) <= t < float(s["end"])  # noqa: E731
+    return [
+        next((s for s in scenes.get(r["clip_id"], []) if inside(s, r["t_sec"])), None) for r in rows
+    ]
+
+
+def linear_probe(z_train: torch.Tensor, y_train: np.ndarray, z_test: torch.Tensor) -> np.ndarray:
+    """Softmax regression (L-BFGS, small L2) on [CLS] standardised with the training frames'
+    statistics; returns the predicted labels of z_test."""
+    mu, sd = z_train.mean(0), z_train.std(0) + 1e-6
+    classes, y = np.unique(y_train, return_inverse=True)
+    w = torch.zeros(z_train.shape[1], len(classes), requires_grad=True)
+    b = torch.zeros(len(classes), requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy((z_train - mu) / sd @ w + b, torch.from_numpy(y))
+        (loss + 1e-3 * (w**2).sum()).backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        return classes[((z_test - mu) / sd @ w + b).argmax(1).numpy()]
+
+
+def encoder_probe(feats, rows, labels, split: str) -> tuple[dict, dict, dict]:
+    """Accuracy of a linear probe of [CLS] for each slot, fit on the train split's frames and
+    read on `split`'s (held-out clips), and the chance of the train split's majority class."""
+    keep = [k for k, s in enumerate(labels) if s is not None]
+    fit = np.array([k for k in keep if rows[k]["split"] == "train"])
+    test = np.array([k for k in keep if rows[k]["split"] == split])
+    if len(fit) == 0 or len(test) == 0:
+        raise SystemExit(f"encoder probe: no labelled frames in split train or {split!r}")
+    z = feats[[rows[k]["frame_idx"] for k in range(len(rows))]].float()
+    acc, chance = {}, {}
+    for slot in SLOTS:
+        y = np.array([(labels[k] or {}).get(slot) or "none" for k in range(len(rows))])
+        pred = linear_probe(z[fit], y[fit], z[test])
+        acc[slot] = float(np.mean(pred == y[test]))
+        values, counts = np.unique(y[fit], return_counts=True)
+        chance[slot] = float(np.mean(y[test] == values[counts.argmax()]))
+    return acc, chance, {"train": len(fit), split: len(test)}
 
 
 # ============ files: g, RSA items, human judgments ============
@@ -618,6 +677,8 @@ def main(argv: list[str] | None = None) -> None:
     # ============ the parts asked for (--what), or those whose inputs are given ============
     rsa_given = args.index and (args.sim_rsm or args.triplets)
     given = {"ppl": args.data, "attention": args.data and args.projector, "rsa": rsa_given}
+    given["encoder_probe"] = args.data and (args.data / "scenes.csv").exists()
+    given["encoder_probe"] = given["encoder_probe"] and (args.projector or args.encoder)
     parts = args.what or [p for p in PARTS if given[p]]
     if unknown := [p for p in parts if p not in PARTS]:
         raise SystemExit(f"--what: unknown part {unknown[0]!r}; expected {', '.join(PARTS)}")
@@ -721,6 +782,25 @@ def main(argv: list[str] | None = None) -> None:
         rsa["similarity"] = "1 - correlation distance of pooled hidden states"
         common.write_json(out / "rsa.json", {**rsa, "results": results, **source})
         plot_rsa_layers(results[0], out / "rsa_layers.png")
+
+    if "encoder_probe" in parts:  # ============ what DINO adds to V: a linear probe ============
+        encoder = Path(args.encoder or cfg["encoder"])
+        encoder = encoder if encoder.is_file() else encoder / "encoder.safetensors"
+        rows = common.read_manifest(args.data)
+        labels, frames = scene_labels(args.data / "scenes.csv", rows), common.open_frames(args.data)
+        probe = {"split": args.split, "encoder": str(encoder), "frames": {}}
+        for name, path in (
+            ("untrained", encoder.with_name("start.safetensors")),
+            ("fine_tuned", encoder),
+        ):
+            if not path.exists():  # no start.safetensors: V from an older train_dino
+                continue
+            V, _ = common.load_encoder(path, device)
+            feats = common.cached_features(V, args.data, frames, device, args.batch_size)
+            probe[name], probe["chance"], probe["frames"] = encoder_probe(
+                feats, rows, labels, args.split
+            )
+        common.write_json(out / "encoder_probe.json", probe)
 
     # ============ summary.md of every part's JSON in OUT/eval (earlier runs' too) ============
     done = {k: json.loads(p.read_text()) for k in PARTS if (p := out / f"{k}.json").exists()}

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import safetensors.torch
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.vision_transformer import checkpoint_filter_fn
@@ -36,7 +37,9 @@ import common
 # the flags that define what is trained: a checkpoint made with others is refused
 IDENTITY = ("arch", "depth", "embed_dim", "out_dim", "head_hidden", "bottleneck", "pretrained",
             "init", "layerscale_init", "global_size", "local_size", "local_crops",
-            "freeze_blocks")  # fmt: skip
+            "freeze_blocks", "bn_head")  # fmt: skip
+PAPER_EPOCHS = 100  # DINO's run: its warm-up, last-layer freeze and ramps are fractions of it
+EMA_HORIZON = 5.0  # a short run's teacher moves at least this far: sum of (1 - momentum) >= 5
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -63,6 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--out-dim", type=int, default=65536, help="DINO head output dimension K")
     add("--head-hidden", type=int, default=2048, help="DINO head MLP width")
     add("--bottleneck", type=int, default=256, help="DINO head bottleneck width")
+    add("--bn-head", action="store_true", help="BatchNorm in the head (DINO's use_bn_in_head)")
     add("--freeze-blocks", type=int, default=0, help="freeze patch embed + first K blocks")
     add("--compile", action="store_true", help="torch.compile networks, crops, loss")
     # optimisation
@@ -83,6 +87,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--local-crops", type=int, default=8, help="local crops per frame")
     add("--global-scale", type=float, nargs=2, default=(0.4, 1.0), help="area range, globals")
     add("--local-scale", type=float, nargs=2, default=(0.05, 0.4), help="area range, locals")
+    add("--jitter-p", type=float, default=0.8, help="colour jitter probability of a crop")
+    add("--grey-p", type=float, default=0.2, help="grayscale probability of a crop")
+    add("--blur-p", type=float, nargs=3, default=(1.0, 0.1, 0.5), help="global 1, 2, locals")
+    add("--solarize-p", type=float, default=0.2, help="solarize probability, second global")
     # bookkeeping
     add("--save-every", type=int, default=500, help="checkpoint every N steps")
     add("--log-every", type=int, default=10, help="log (and sync) every N steps")
@@ -96,11 +104,14 @@ class DINOHead(nn.Module):
     """DINO's projection head: a 3-layer MLP (GELU) to a bottleneck, L2-normalised, then a
     weight-normalised linear layer to K = out_dim logits (rows of norm 1: weight_norm, g = 1)."""
 
-    def __init__(self, in_dim: int, out_dim: int, hidden: int = 2048, bottleneck: int = 256):
+    def __init__(self, in_dim, out_dim, hidden=2048, bottleneck=256, bn=False):
         super().__init__()
         dims = (in_dim, hidden, hidden, bottleneck)
         layers = [nn.Linear(dims[i], dims[i + 1]) for i in range(3)]
-        self.mlp = nn.Sequential(layers[0], nn.GELU(), layers[1], nn.GELU(), layers[2])
+        mlp = [layers[0]]  # Linear (BatchNorm) GELU Linear (BatchNorm) GELU Linear
+        for linear in layers[1:]:
+            mlp += [nn.BatchNorm1d(hidden)] * bn + [nn.GELU(), linear]
+        self.mlp = nn.Sequential(*mlp)
         for m in layers:
             nn.init.trunc_normal_(m.weight, std=0.02)
             nn.init.zeros_(m.bias)
@@ -148,6 +159,19 @@ def update_center(center, teacher_out, momentum: float = 0.9) -> torch.Tensor:
 
 
 @torch.no_grad()
+def teacher_stats(t_out, center, teacher_temp) -> dict:
+    """Collapse diagnostics of the teacher's targets P_t on this rank's batch: their mean entropy,
+    the mutual information H(mean P_t) - mean H(P_t) between frame and prototype (0 when every
+    frame gets the same target: nothing to distil) and the prototypes some frame picks."""
+    p_t = F.softmax((t_out.float() - center) / teacher_temp, dim=-1)
+    entropy = -(p_t * p_t.clamp_min(1e-30).log()).sum(-1).mean()
+    mean = p_t.mean(0)
+    mi = -(mean * mean.clamp_min(1e-30).log()).sum() - entropy
+    used = p_t.argmax(-1).unique().numel()
+    return {"teacher_entropy": entropy.item(), "teacher_mi": mi.item(), "prototypes_used": used}
+
+
+@torch.no_grad()
 def ema_update(teacher_params: list[torch.Tensor], student_params: list[torch.Tensor], m: float):
     """Teacher = EMA of the student: theta_t <- m * theta_t + (1 - m) * theta_s (one lerp)."""
     torch._foreach_lerp_(teacher_params, [p.detach() for p in student_params], 1 - m)
@@ -163,19 +187,23 @@ def clip_gradients(params: list[torch.Tensor], clip: float) -> None:
 
 def schedules(args, total: int, steps_per_epoch: int, world: int, device) -> dict:
     """DINO's, one value per step: LR (peak --lr x global batch / 256) and weight decay, momentum
-    cosine to 1, teacher temperature (on the device: no copy to read), last layer frozen or not."""
+    cosine to 1, teacher temperature (on the device: no copy to read), last layer frozen or not.
+    A run shorter than DINO's 100 epochs scales the warm-ups and the freeze to its length, and
+    starts the momentum low enough that the teacher leaves its start (EMA_HORIZON)."""
 
-    def in_steps(epochs: float) -> int:
-        return min(total, round(epochs * steps_per_epoch))
+    def in_steps(epochs: float) -> int:  # a run shorter than DINO's keeps the fraction
+        return min(total, round(epochs * steps_per_epoch), round(epochs / PAPER_EPOCHS * total))
 
     peak_lr = args.lr * args.batch_size * world / 256
+    # the cosine from m0 to 1 sums (1 - m0)·total/2 of (1 - m): at least EMA_HORIZON
+    m0 = min(args.momentum_teacher, max(0.0, 1 - 2 * EMA_HORIZON / total))
     warm = in_steps(args.warmup_teacher_temp_epochs)
     temp = [np.linspace(args.warmup_teacher_temp, args.teacher_temp, warm)]  # then constant:
     temp.append(np.full(total - warm, args.teacher_temp))
     return {
         "lr": common.cosine_schedule(peak_lr, args.min_lr, total, in_steps(args.warmup_epochs)),
         "weight_decay": common.cosine_schedule(args.weight_decay, args.weight_decay_end, total),
-        "momentum": common.cosine_schedule(args.momentum_teacher, 1.0, total),
+        "momentum": common.cosine_schedule(m0, 1.0, total),
         "teacher_temp": torch.tensor(np.concatenate(temp), dtype=torch.float32, device=device),
         "freeze_last_layer": np.arange(total) < in_steps(args.freeze_last_layer),
     }
@@ -189,7 +217,8 @@ def vit_overrides(args: argparse.Namespace) -> dict:  # timm's, from --depth / -
 
 
 def build_networks(args: argparse.Namespace) -> tuple[MultiCropNet, MultiCropNet]:
-    """Student (V + DINO head) and teacher (a copy: no gradient, eval mode so no drop-path)."""
+    """Student (V + DINO head) and teacher (a copy: no gradient, eval mode so no drop-path; a
+    BatchNorm head in train mode, on batch statistics, as DINO's teacher)."""
     layerscale = None if args.init else args.layerscale_init  # --init: the file's LayerScale
     V = common.build_vit(args.arch, pretrained=args.pretrained, layerscale_init=layerscale,
                          img_size=args.global_size, drop_path_rate=args.drop_path,
@@ -201,9 +230,18 @@ def build_networks(args: argparse.Namespace) -> tuple[MultiCropNet, MultiCropNet
         tokens = [t for t in tokens if isinstance(t, nn.Parameter)]
         for part in [V.patch_embed, *tokens, *V.blocks[: args.freeze_blocks]]:
             part.requires_grad_(False)
-    head = DINOHead(V.embed_dim, args.out_dim, args.head_hidden, args.bottleneck)
+    head = DINOHead(V.embed_dim, args.out_dim, args.head_hidden, args.bottleneck, args.bn_head)
     student = MultiCropNet(V, head)
-    return student, copy.deepcopy(student).eval().requires_grad_(False)
+    if (
+        args.bn_head
+        and dist.is_initialized()
+        and args.device != "cpu"
+        and torch.cuda.is_available()
+    ):
+        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)  # statistics of all ranks
+    teacher = copy.deepcopy(student).eval().requires_grad_(False)
+    teacher.head.train()  # only BatchNorm cares: batch statistics, never the running ones
+    return student, teacher
 
 
 def _backbone_state(sd: dict, path: Path) -> dict[str, torch.Tensor]:
@@ -325,7 +363,7 @@ def seed_step(seed: int, step: int, rank: int, gen: torch.Generator) -> None:
 
 def train_step(student, teacher, opt, loss_fn, center, sched, step, globals_, locals_, clip_grad):
     """One DINO step. `student` and `teacher` as called (compiled, the student in DDP), `sched`
-    from schedules(). Returns (loss, new centre), device tensors: no host sync."""
+    from schedules(). Returns (loss, new centre, teacher output), device tensors: no host sync."""
     for group in opt.param_groups:
         group["lr"] = float(sched["lr"][step])
     opt.param_groups[0]["weight_decay"] = float(sched["weight_decay"][step])  # [1]: 1-d, none
@@ -345,7 +383,7 @@ def train_step(student, teacher, opt, loss_fn, center, sched, step, globals_, lo
                 p.grad = None
     opt.step()
     ema_update(list(teacher.parameters()), list(params.values()), float(sched["momentum"][step]))
-    return loss.detach(), update_center(center, t_out)
+    return loss.detach(), update_center(center, t_out), t_out
 
 
 def train_dino(args: argparse.Namespace) -> dict:
@@ -378,6 +416,8 @@ def train_dino(args: argparse.Namespace) -> dict:
 
     # ============ optionally resume training ... ============
     state, start = common.resume_checkpoint(ckpt_path, args, IDENTITY), 0  # RNG: (seed, step)
+    if state is None and common.is_main():  # V before DINO: the control of evaluate's probe
+        common.export_encoder(teacher.backbone, out, {**export_config(args), "steps": 0}, "start")
     if state is not None:
         student.load_state_dict(state["student"])
         teacher.load_state_dict(state["teacher"])
@@ -390,14 +430,14 @@ def train_dino(args: argparse.Namespace) -> dict:
     flops = step_flops(student.backbone, student.head, args)  # per frame
     peak = common.matmul_peak_tflops(device, torch.bfloat16 if cuda else torch.float32)
     gen = torch.Generator(device)
-    loss_sum, n_log, t_log = torch.zeros((), device=device), 0, time.perf_counter()
+    loss_sum, n_log, t_log, record = torch.zeros((), device=device), 0, time.perf_counter(), {}
     bar = tqdm(total=total, initial=start, desc="train_dino", disable=not common.is_main())
     for step, batch in enumerate(prefetch(frames, batches, start, total, pin=cuda), start=start):
         seed_step(args.seed, step, rank, gen)
         with torch.no_grad():
             globals_, locals_ = multi_crop(batch.to(device, non_blocking=True), args, gen, render)
-        loss, center = train_step(student_fwd, teacher_fwd, opt, loss_fn, center, sched, step,
-                                  globals_, locals_, args.clip_grad)  # fmt: skip
+        loss, center, t_out = train_step(student_fwd, teacher_fwd, opt, loss_fn, center, sched,
+                                         step, globals_, locals_, args.clip_grad)  # fmt: skip
         loss_sum += loss
         done, n_log = step + 1, n_log + 1
         bar.update(1)
@@ -415,6 +455,7 @@ def train_dino(args: argparse.Namespace) -> dict:
             mfu = ips * flops / (peak * 1e12)
             record.update(images_per_s_per_device=ips, images_per_s=ips * world, mfu=mfu)
             record["peak_mem_gb"] = common.peak_memory_gb(device)
+            record.update(teacher_stats(t_out, center, sched["teacher_temp"][step]))
             common.log_metrics(out, record)
             bar.set_postfix(loss=f"{mean_loss:.4f}", ips=f"{ips:.1f}", mfu=f"{mfu:.1%}")
             loss_sum.zero_()
@@ -427,13 +468,28 @@ def train_dino(args: argparse.Namespace) -> dict:
     bar.close()
 
     # ============ export the teacher's V ... ============
+    ln_k = math.log(args.out_dim)  # the loss of uniform targets: DINO's trivial fixed point
+    uniform = bool(record) and record["loss"] > 0.99 * ln_k
+    if uniform:
+        common.print0(
+            f"train_dino: WARNING: DINO is at its uniform fixed point: loss {record['loss']:.3f} "
+            f"against ln K = {ln_k:.3f}, teacher MI {record['teacher_mi']:.3f} nats. The teacher "
+            "gives every frame the same target and V learned nothing from DINO. Try --bn-head, "
+            "lower --jitter-p/--grey-p/--blur-p/--solarize-p or --teacher-temp, or start from "
+            "--pretrained / --init weights."
+        )
     if common.is_main():
-        cfg = {"arch": args.arch, "img_size": args.global_size, "steps": total,
-               "layerscale_init": args.layerscale_init, "overrides": vit_overrides(args),
-               "start": "pretrained" if args.pretrained else (args.init or "random"),
-               "trained_by": "train_dino.py"}  # fmt: skip
+        cfg = {**export_config(args), "steps": total, "final_loss": record.get("loss"),
+               "uniform_fixed_point": uniform}  # fmt: skip
         print(f"train_dino: wrote {common.export_encoder(teacher.backbone, out, cfg)}")
     return state
+
+
+def export_config(args) -> dict:  # encoder.json: how V was built and trained
+    start = "pretrained" if args.pretrained else (args.init or "random")
+    return {"arch": args.arch, "img_size": args.global_size, "overrides": vit_overrides(args),
+            "layerscale_init": args.layerscale_init, "start": start, "seed": args.seed,
+            "out_dim": args.out_dim, "bn_head": args.bn_head, "trained_by": "train_dino.py"}  # fmt: skip
 
 
 # ============ multi-crop on the GPU (DINO's DataAugmentationDINO, batched) ============
@@ -564,7 +620,7 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int) -> torch.Te
     return k_h[:, None] @ x @ k_w[:, None].mT
 
 
-def draw_views(b, views, height, width, scale, blur_p, solarize_p, gen) -> dict[str, torch.Tensor]:
+def draw_views(b, views, height, width, scale, blur_p, solarize_p, gen, jitter_p=0.8, grey_p=0.2):
     """Every random choice of `views` crops of b images, view-major (row v*b + i: view v of image
     i): boxes, flips, jitter, grey, blur sigma (near 0 where the coin says no), solarize."""
     n, dev = views * b, gen.device  # per-view probabilities, made on the device (no host copy):
@@ -572,7 +628,7 @@ def draw_views(b, views, height, width, scale, blur_p, solarize_p, gen) -> dict[
     solarize_p = torch.cat([torch.full((b,), p, device=dev) for p in solarize_p])
     boxes = random_boxes(n, height, width, scale, gen)
     blur_on = _coin(n, blur_p, gen) > 0
-    flip, jitter, grey = _coin(n, 0.5, gen), draw_jitter(n, gen), _coin(n, 0.2, gen)
+    flip, jitter, grey = _coin(n, 0.5, gen), draw_jitter(n, gen, jitter_p), _coin(n, grey_p, gen)
     sigma = torch.where(blur_on, _uniform(n, *BLUR_SIGMA, gen), 1e-3)
     solarize = _coin(n, solarize_p, gen)
     return dict(boxes=boxes, flip=flip, jitter=jitter, grey=grey, sigma=sigma, solarize=solarize)
@@ -596,14 +652,16 @@ def render_views(img: torch.Tensor, params: dict, size: int, basis: torch.Tensor
 
 def multi_crop(frames: torch.Tensor, args, gen: torch.Generator, render=render_views):
     """uint8 frames [B, H, W, 3] -> normalised global crops [2B, 3, G, G] and local [nB, 3, L, L],
-    view-major. DINO's recipe: global view 1 always blurred, view 2 blurred with p 0.1 and
-    solarized with p 0.2, locals blurred with p 0.5. Matmuls in bf16 on a GPU (exact for uint8)."""
+    view-major. DINO's recipe (--blur-p, --solarize-p, --jitter-p, --grey-p): global view 1
+    always blurred, view 2 blurred with p 0.1 and solarized with p 0.2, locals blurred with p 0.5;
+    jitter p 0.8, grey p 0.2. Matmuls in bf16 on a GPU (exact for uint8)."""
     b, h, w, _ = frames.shape
     dtype = torch.bfloat16 if frames.device.type == "cuda" else torch.float32
     img = frames.permute(0, 1, 3, 2).reshape(b, h, 3 * w).to(dtype)  # [B, H, 3·W]: RGB in a row
     basis, n = hue_basis(frames.device), args.local_crops
-    g = draw_views(b, 2, h, w, args.global_scale, [1.0, 0.1], [0.0, 0.2], gen)
-    loc = draw_views(b, n, h, w, args.local_scale, [0.5] * n, [0.0] * n, gen)
+    (b1, b2, bl), colour = args.blur_p, (args.jitter_p, args.grey_p)
+    g = draw_views(b, 2, h, w, args.global_scale, [b1, b2], [0.0, args.solarize_p], gen, *colour)
+    loc = draw_views(b, n, h, w, args.local_scale, [bl] * n, [0.0] * n, gen, *colour)
     crops = (render(img, g, args.global_size, basis), render(img, loc, args.local_size, basis))
     return tuple(common.normalize_frames(x) for x in crops)
 

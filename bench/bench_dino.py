@@ -185,7 +185,7 @@ def build_step(args, device, world: int, steps_per_epoch: int, total: int, eager
 
     def step(i: int, globals_: torch.Tensor, locals_: torch.Tensor) -> None:
         nonlocal center
-        _, center = train_dino.train_step(
+        _, center, _ = train_dino.train_step(
             student_fwd, teacher_fwd, opt, loss_fn, center, sched, i, globals_, locals_,
             args.clip_grad,
         )  # fmt: skip

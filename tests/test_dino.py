@@ -98,17 +98,68 @@ def test_schedules_lr_scaled_by_global_batch_and_teacher_temp_warmup(tiny_data, 
     flags = ["--lr", "0.256", "--warmup-epochs", "1", "--teacher-temp", "0.07"]
     flags += ["--warmup-teacher-temp", "0.04", "--warmup-teacher-temp-epochs", "1.25"]
     args = args_for(tiny_data, tmp_path, *flags)
-    sched = train_dino.schedules(args, total=20, steps_per_epoch=4, world=2, device="cpu")
+    sched = train_dino.schedules(args, total=4000, steps_per_epoch=4, world=2, device="cpu")
     lr = sched["lr"]
     assert lr.max() == pytest.approx(0.256 * 8 * 2 / 256)  # batch 8 per rank, 2 ranks
     assert lr[0] == pytest.approx(lr.max() / 4) and np.argmax(lr) == 3  # 1 epoch = 4 steps
     assert sched["freeze_last_layer"][:4].all() and not sched["freeze_last_layer"][4:].any()
     t = sched["teacher_temp"]  # 1.25 epochs = 5 steps of linear warm-up, then constant
-    assert t.dtype == torch.float32 and len(t) == 20
+    assert t.dtype == torch.float32 and len(t) == 4000
     assert t[0].item() == pytest.approx(0.04) and t[4].item() == pytest.approx(0.07)
     assert torch.all(t[5:] == t[4]) and torch.all(torch.diff(t[:5]) > 0)
     assert sched["weight_decay"][0] == pytest.approx(0.04)
     assert sched["momentum"][0] == pytest.approx(0.996)
+
+
+def test_short_runs_scale_the_schedules_to_their_length(tiny_data, tmp_path):
+    """A run shorter than DINO's 100 epochs keeps the warm-up and the freeze as fractions of it,
+    and its teacher moves: the sum of (1 - momentum) reaches EMA_HORIZON. Long runs: DINO's."""
+    args = args_for(tiny_data, tmp_path, "--warmup-epochs", "10", "--freeze-last-layer", "1")
+    short = train_dino.schedules(args, total=30, steps_per_epoch=59, world=1, device="cpu")
+    assert np.argmax(short["lr"]) == 2  # 10% of 30 steps of warm-up, not 590
+    assert not short["freeze_last_layer"].any()  # 1% of 30 steps rounds to none
+    assert (1 - short["momentum"]).sum() >= train_dino.EMA_HORIZON - 0.5
+    long = train_dino.schedules(args, total=6000, steps_per_epoch=50, world=1, device="cpu")
+    assert np.argmax(long["lr"]) == 499 and long["freeze_last_layer"].sum() == 50
+    assert long["momentum"][0] == pytest.approx(0.996)  # DINO's own start
+    tiny = train_dino.schedules(args, total=4, steps_per_epoch=59, world=1, device="cpu")
+    assert tiny["momentum"][0] == 0.0  # never below 0: the teacher follows the student
+
+
+def test_teacher_stats_read_collapse():
+    """Mutual information H(mean P_t) - mean H(P_t): 0 for one target for all, ln B for B
+    distinct one-hot targets; prototypes used: distinct argmaxes."""
+    center = torch.zeros(1, 16)
+    same = train_dino.teacher_stats(torch.zeros(8, 16), center, 0.04)
+    assert same["teacher_mi"] == pytest.approx(0.0, abs=1e-5)
+    assert same["teacher_entropy"] == pytest.approx(math.log(16), rel=1e-5)
+    distinct = train_dino.teacher_stats(100 * torch.eye(16)[:8], center, 0.04)
+    assert distinct["teacher_mi"] == pytest.approx(math.log(8), rel=1e-4)
+    assert distinct["prototypes_used"] == 8 and same["prototypes_used"] == 1
+
+
+def test_bn_head_teacher_uses_batch_statistics(tiny_data, tmp_path):
+    student, teacher = train_dino.build_networks(args_for(tiny_data, tmp_path, "--bn-head"))
+    bns = [m for m in teacher.head.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+    assert len(bns) == 2 and all(m.training for m in bns) and not teacher.backbone.training
+    with torch.no_grad():  # an output depends on the rest of its batch: batch statistics
+        x = torch.randn(6, 64)
+        alone, together = teacher.head(x[:3]), teacher.head(x)[:3]
+    assert not torch.allclose(alone, together)
+    names = [k for k in student.state_dict() if "mlp.1." in k]
+    assert "head.mlp.1.running_mean" in names  # Linear, BatchNorm, GELU, ...
+
+
+def test_uniform_fixed_point_is_flagged(tiny_data, tmp_path, capsys):
+    """A planted uniform run (teacher temperature 100: every target uniform, loss >= ln K) ends
+    with a warning that names the fix, and encoder.json records it."""
+    flags = ["--steps", "2", "--teacher-temp", "100", "--warmup-teacher-temp", "100"]
+    train_dino.train_dino(args_for(tiny_data, tmp_path, *flags))
+    assert "DINO is at its uniform fixed point" in capsys.readouterr().out
+    cfg = json.loads((tmp_path / "encoder.json").read_text())
+    assert cfg["uniform_fixed_point"] and cfg["out_dim"] == 128
+    last = metrics(tmp_path)[-1]
+    assert last["teacher_mi"] == pytest.approx(0.0, abs=1e-3) and last["prototypes_used"] >= 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -374,13 +425,14 @@ def test_train_step_teacher_is_ema_of_student(tiny_data, tmp_path):
     student, teacher = train_dino.build_networks(args)
     assert all(not p.requires_grad for p in teacher.parameters())
     opt = torch.optim.AdamW(common.param_groups(student, args.weight_decay))
-    sched = train_dino.schedules(args, total=4, steps_per_epoch=4, world=1, device="cpu")
+    # a long run (1000 epochs): DINO's own momentum start and first-epoch freeze
+    sched = train_dino.schedules(args, total=4000, steps_per_epoch=4, world=1, device="cpu")
     t0 = [p.detach().clone() for p in teacher.parameters()]
     s0 = student.head.last_layer.weight.detach().clone()
     frames = torch.from_numpy(scene_frames(8))
     g, loc = train_dino.multi_crop(frames, args, torch.Generator().manual_seed(0))
     c0 = torch.zeros(1, args.out_dim)
-    loss, center = train_dino.train_step(
+    loss, center, _ = train_dino.train_step(
         student, teacher, opt, train_dino.dino_loss, c0, sched, 0, g, loc, args.clip_grad
     )
     assert torch.isfinite(loss) and not loss.requires_grad
@@ -435,6 +487,7 @@ def test_training_lowers_the_loss(tiny_data, tmp_path, monkeypatch):
     assert [r["step"] for r in lines] == list(range(1, 17))
     keys = ["step", "epoch", "loss", "lr", "weight_decay", "momentum", "teacher_temp"]
     keys += ["images_per_s_per_device", "images_per_s", "mfu", "peak_mem_gb"]
+    keys += ["teacher_entropy", "teacher_mi", "prototypes_used"]  # collapse diagnostics
     assert all(list(r) == keys for r in lines)
     for key in keys:
         assert all(math.isfinite(r[key]) for r in lines), key

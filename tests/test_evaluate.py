@@ -730,3 +730,34 @@ def test_L_is_loaded_in_the_dtype_g_was_trained_against(trained, tmp_path, monke
     bad = saved_as(proj, tmp_path / "bad", lm_dtype="float16")
     with pytest.raises(ValueError, match=r"bad/projector.json: lm_dtype 'float16'"):
         ev.main([*args, "--projector", str(bad), "--out", str(tmp_path / "bad")])
+
+
+def test_encoder_probe_reads_planted_features(tmp_path):
+    """The probe finds a slot that the features encode (on held-out clips) and stays near chance
+    on one they do not; scene_labels maps each frame to the scene it shows."""
+    (tmp_path / "scenes.csv").write_text(
+        "clip_id,start,end,actor,action,target,people\n"
+        "c0,0.0,2.0,red man,waves at,blue man,x\nc0,2.0,4.0,blue man,cries,,x\n"
+    )
+    rows = [{"clip_id": "c0", "t_sec": t} for t in (0.5, 2.5, 4.5)]
+    labels = ev.scene_labels(tmp_path / "scenes.csv", rows)
+    assert [s and (s["actor"], s["target"]) for s in labels] == [
+        ("red man", "blue man"), ("blue man", ""), None,
+    ]  # fmt: skip
+    rng = np.random.default_rng(0)
+    n, actions = 240, ["wave", "hug", "cry", "jump"]
+    action = rng.integers(0, 4, n)
+    rows = [{"clip_id": f"c{k // 8}", "frame_idx": k, "t_sec": 0.0} for k in range(n)]
+    for r in rows:
+        r["split"] = "test" if int(r["clip_id"][1:]) % 5 == 0 else "train"
+    labels = [
+        {"actor": ["red", "blue"][k % 2], "action": actions[a], "target": ""}
+        for k, a in enumerate(rng.permutation(action))  # actor and action both random...
+    ]
+    feats = torch.from_numpy(rng.normal(size=(n, 16))).float()
+    for k, lab in enumerate(labels):  # ...but only the action is written into the features
+        feats[k, actions.index(lab["action"])] += 4.0
+    acc, chance, frames = ev.encoder_probe(feats, rows, labels, "test")
+    assert frames == {"train": 192, "test": 48}
+    assert acc["action"] > 0.9 and acc["target"] == chance["target"] == 1.0
+    assert abs(acc["actor"] - 0.5) < 0.2 and chance["actor"] < 0.7

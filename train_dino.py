@@ -1,14 +1,11 @@
 """Stage 2: fine-tune the visual encoder V by DINO self-distillation on the frames F_1..F_m.
 
-Paper §"Finetuning the visual encoder": V (DINOv2, timm `vit_small_patch14_dinov2`; the paper's
-`vit_base_patch14_dinov2` with --arch) learns DINO's objective (Caron et al. 2021) on the frames,
-so that its [CLS] embedding v_j carries the social scene. A student (V + DINO head) sees 2 global
-and --local-crops local crops of each frame (made on the GPU: end of file); the teacher, an EMA
-of the student, sees the 2 global ones; the loss is H(P_t(x), P_s(x')) over pairs of views x != x', P_t centred (a
-moving mean, all-reduced over ranks) and sharpened. python (CPU, one GPU) or torchrun; writes
-checkpoint.pt (rerun to resume), metrics.jsonl and the teacher's V (encoder.safetensors + .json)
-under --out. Defaults: DINO's ViT recipe for GPUs (CPU: README); a random V starts LayerScale at
-0.1, not timm's 1e-5 (which gives every frame nearly the same [CLS]).
+Paper §"Finetuning the visual encoder": V (timm's `vit_small_patch14_dinov2`; the paper's ViT-B with
+--arch) learns DINO's objective (Caron et al. 2021) on the frames, so that its [CLS] v_j carries the
+social scene. The student (V + DINO head) sees 2 global and --local-crops local crops of a frame
+(made on the GPU: end of file), the teacher (an EMA of the student) the 2 global ones; the loss is
+H(P_t(x), P_s(x')) over pairs of views x != x', P_t centred and sharpened. Writes checkpoint.pt
+(rerun to resume), metrics.jsonl and the teacher's V (encoder.safetensors + .json) under --out.
 """
 
 from __future__ import annotations
@@ -134,12 +131,10 @@ class MultiCropNet(nn.Module):
 
 
 def dino_loss(student_out, teacher_out, center, teacher_temp, student_temp=0.1):
-    """DINO's loss: mean over pairs (teacher view i, student view v), v != i, of the cross-entropy
-    H(P_t, P_s) = -sum_k P_t log P_s, with P_t = softmax((t - center) / teacher_temp) (centred
-    and sharpened, no gradient) and P_s = softmax(s / student_temp). Rows are view-major:
-    student_out [V*B, K] (the 2 global views first), teacher_out [2*B, K] (global views only).
-    With q_i = P_t of teacher view i and lp_v = log P_s of student view v, the 2V - 2 pairs sum
-    in two products instead of one per pair:
+    """DINO's loss: the mean over pairs (teacher view i, student view v != i) of H(P_t, P_s) =
+    -sum_k P_t log P_s, P_t = softmax((t - center) / teacher_temp) (no gradient), P_s =
+    softmax(s / student_temp). Rows view-major: student_out [V*B, K] (2 globals first),
+    teacher_out [2*B, K]. With q_i = P_t of view i and lp_v = log P_s of view v, two products:
         sum_v sum_{i != v} q_i . lp_v = (q_0 + q_1) . sum_v lp_v - sum_{i<2} q_i . lp_i."""
     batch = teacher_out.shape[0] // 2
     log_p = F.log_softmax(student_out.float() / student_temp, dim=-1)
@@ -160,14 +155,13 @@ def update_center(center, teacher_out, momentum: float = 0.9) -> torch.Tensor:
 
 @torch.no_grad()
 def teacher_stats(t_out, center, teacher_temp) -> dict:
-    """Collapse diagnostics of the teacher's targets P_t on this rank's batch: their mean entropy,
-    the mutual information H(mean P_t) - mean H(P_t) between frame and prototype (0 when every
-    frame gets the same target: nothing to distil) and the prototypes some frame picks."""
+    """Collapse diagnostics of the teacher's targets P_t on this rank's batch: mean entropy, the
+    frame-prototype mutual information H(mean P_t) - mean H(P_t) (0: nothing to distil)."""
     p_t = F.softmax((t_out.float() - center) / teacher_temp, dim=-1)
     entropy = -(p_t * p_t.clamp_min(1e-30).log()).sum(-1).mean()
     mean = p_t.mean(0)
     mi = -(mean * mean.clamp_min(1e-30).log()).sum() - entropy
-    used = p_t.argmax(-1).unique().numel()
+    used = p_t.argmax(-1).unique().numel()  # prototypes some frame of the batch picks
     return {"teacher_entropy": entropy.item(), "teacher_mi": mi.item(), "prototypes_used": used}
 
 
@@ -198,13 +192,13 @@ def schedules(args, total: int, steps_per_epoch: int, world: int, device) -> dic
     # the cosine from m0 to 1 sums (1 - m0)·total/2 of (1 - m): at least EMA_HORIZON
     m0 = min(args.momentum_teacher, max(0.0, 1 - 2 * EMA_HORIZON / total))
     warm = in_steps(args.warmup_teacher_temp_epochs)
-    temp = [np.linspace(args.warmup_teacher_temp, args.teacher_temp, warm)]  # then constant:
-    temp.append(np.full(total - warm, args.teacher_temp))
+    temp = np.linspace(args.warmup_teacher_temp, args.teacher_temp, warm)  # then constant
+    temp = np.concatenate([temp, np.full(total - warm, args.teacher_temp)])
     return {
         "lr": common.cosine_schedule(peak_lr, args.min_lr, total, in_steps(args.warmup_epochs)),
         "weight_decay": common.cosine_schedule(args.weight_decay, args.weight_decay_end, total),
         "momentum": common.cosine_schedule(m0, 1.0, total),
-        "teacher_temp": torch.tensor(np.concatenate(temp), dtype=torch.float32, device=device),
+        "teacher_temp": torch.tensor(temp, dtype=torch.float32, device=device),
         "freeze_last_layer": np.arange(total) < in_steps(args.freeze_last_layer),
     }
 
@@ -232,37 +226,17 @@ def build_networks(args: argparse.Namespace) -> tuple[MultiCropNet, MultiCropNet
             part.requires_grad_(False)
     head = DINOHead(V.embed_dim, args.out_dim, args.head_hidden, args.bottleneck, args.bn_head)
     student = MultiCropNet(V, head)
-    if (
-        args.bn_head
-        and dist.is_initialized()
-        and args.device != "cpu"
-        and torch.cuda.is_available()
-    ):
+    if args.bn_head and dist.is_initialized() and dist.get_backend() == "nccl":
         student = nn.SyncBatchNorm.convert_sync_batchnorm(student)  # statistics of all ranks
     teacher = copy.deepcopy(student).eval().requires_grad_(False)
     teacher.head.train()  # only BatchNorm cares: batch statistics, never the running ones
     return student, teacher
 
 
-def _backbone_state(sd: dict, path: Path) -> dict[str, torch.Tensor]:
-    """V's weights out of the layouts they come in: a DINO/train_dino checkpoint ({"teacher": ...},
-    "backbone." / "module." / "_orig_mod." prefixes, a DINO head beside) or a plain state dict."""
-    inner = [sd[k] for k in ("teacher", "model", "state_dict") if isinstance(sd.get(k), dict)]
-    sd = inner[0] if inner else sd
-    out = {}
-    for k, v in sd.items():
-        if not isinstance(v, torch.Tensor):
-            raise ValueError(f"{path}: entry {k!r} is not a tensor (expected a state dict of V)")
-        for prefix in ("module.", "_orig_mod.", "backbone."):
-            k = k.removeprefix(prefix)
-        if not k.startswith("head."):  # the DINO head rides along in checkpoints
-            out[k] = v
-    return out
-
-
 def load_vit_weights(V: nn.Module, path: str | Path) -> None:
     """Load local weights into V (--init): .safetensors (train_dino's export) or a torch file read
-    with weights_only=True (DINOv2 .pth, DINO checkpoints, timm state dicts)."""
+    with weights_only=True: a DINOv2 .pth, a timm state dict or a DINO checkpoint ({"teacher":
+    ...}, "module." / "_orig_mod." / "backbone." prefixes, its DINO head left out)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such weights file (expected .safetensors or .pth)")
@@ -270,8 +244,16 @@ def load_vit_weights(V: nn.Module, path: str | Path) -> None:
         sd = safetensors.torch.load_file(str(path))
     else:
         sd = torch.load(path, map_location="cpu", weights_only=True)
-    sd = checkpoint_filter_fn(_backbone_state(sd, path), V)  # resamples position embeddings
-    missing, unexpected = V.load_state_dict(sd, strict=False)
+    sd = next((sd[k] for k in ("teacher", "model", "state_dict") if k in sd), sd)
+    state = {}
+    for k, v in sd.items():
+        if not isinstance(v, torch.Tensor):
+            raise ValueError(f"{path}: entry {k!r} is not a tensor (expected a state dict of V)")
+        k = k.removeprefix("module.").removeprefix("_orig_mod.").removeprefix("backbone.")
+        if not k.startswith("head."):
+            state[k] = v
+    state = checkpoint_filter_fn(state, V)  # resamples position embeddings
+    missing, unexpected = V.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"{path}: weights do not fit {type(V).__name__} (missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}); expected V's own state dict")  # fmt: skip
@@ -311,9 +293,7 @@ class FrameBatches:
         self.ids = np.array(sorted({r["frame_idx"] for r in rows if r["split"] in splits}))
         if len(self.ids) == 0:
             found = sorted({r["split"] for r in rows})
-            raise ValueError(
-                f"{data_dir}/manifest.csv: no frames in split(s) {splits}; it has {found}"
-            )
+            raise ValueError(f"{data_dir}/manifest.csv: no frames in split(s) {splits}: {found}")
         self.batch, self.rank, self.world, self.seed = batch, rank, world, seed
         self.steps_per_epoch = len(self.ids) // (batch * world)
         if self.steps_per_epoch == 0:
@@ -389,9 +369,9 @@ def train_step(student, teacher, opt, loss_fn, center, sched, step, globals_, lo
 def train_dino(args: argparse.Namespace) -> dict:
     """Train (or resume) DINO, export the teacher's V; return this rank's last checkpoint state."""
     rank, world, device = common.setup_distributed(args.device)
-    out = Path(args.out)
+    out, cuda = Path(args.out), device.type == "cuda"
     out.mkdir(parents=True, exist_ok=True)
-    ckpt_path, cuda = out / "checkpoint.pt", device.type == "cuda"
+    ckpt_path = out / "checkpoint.pt"
 
     # ============ preparing data ... ============
     frames = common.open_frames(args.data)
@@ -439,9 +419,8 @@ def train_dino(args: argparse.Namespace) -> dict:
         loss, center, t_out = train_step(student_fwd, teacher_fwd, opt, loss_fn, center, sched,
                                          step, globals_, locals_, args.clip_grad)  # fmt: skip
         loss_sum += loss
-        done, n_log = step + 1, n_log + 1
+        done, n_log, last = step + 1, n_log + 1, step + 1 == total
         bar.update(1)
-        last = done == total
         log, save = last or done % args.log_every == 0, last or done % args.save_every == 0
         if not (log or save):
             continue
@@ -453,8 +432,8 @@ def train_dino(args: argparse.Namespace) -> dict:
             record = {"step": done, "epoch": done / spe, "loss": mean_loss}
             record.update({k: float(v[step]) for k, v in sched.items() if k != "freeze_last_layer"})
             mfu = ips * flops / (peak * 1e12)
-            record.update(images_per_s_per_device=ips, images_per_s=ips * world, mfu=mfu)
-            record["peak_mem_gb"] = common.peak_memory_gb(device)
+            record.update(images_per_s_per_device=ips, images_per_s=ips * world, mfu=mfu,
+                          peak_mem_gb=common.peak_memory_gb(device))  # fmt: skip
             record.update(teacher_stats(t_out, center, sched["teacher_temp"][step]))
             common.log_metrics(out, record)
             bar.set_postfix(loss=f"{mean_loss:.4f}", ips=f"{ips:.1f}", mfu=f"{mfu:.1%}")
@@ -471,13 +450,11 @@ def train_dino(args: argparse.Namespace) -> dict:
     ln_k = math.log(args.out_dim)  # the loss of uniform targets: DINO's trivial fixed point
     uniform = bool(record) and record["loss"] > 0.99 * ln_k
     if uniform:
-        common.print0(
-            f"train_dino: WARNING: DINO is at its uniform fixed point: loss {record['loss']:.3f} "
-            f"against ln K = {ln_k:.3f}, teacher MI {record['teacher_mi']:.3f} nats. The teacher "
-            "gives every frame the same target and V learned nothing from DINO. Try --bn-head, "
-            "lower --jitter-p/--grey-p/--blur-p/--solarize-p or --teacher-temp, or start from "
-            "--pretrained / --init weights."
-        )
+        loss, mi = record["loss"], record["teacher_mi"]
+        common.print0(f"train_dino: WARNING: DINO is at its uniform fixed point (loss {loss:.3f}, "
+                      f"ln K {ln_k:.3f}, teacher MI {mi:.3f}): every frame gets the same target, V "
+                      "learned nothing. Try --bn-head, lower --jitter-p --grey-p --blur-p "
+                      "--solarize-p or --teacher-temp, or --pretrained / --init.")  # fmt: skip
     if common.is_main():
         cfg = {**export_config(args), "steps": total, "final_loss": record.get("loss"),
                "uniform_fixed_point": uniform}  # fmt: skip
@@ -524,10 +501,9 @@ def random_boxes(n, height, width, scale, gen, ratio=(3 / 4, 4 / 3), tries=10) -
 
 
 def resample_matrix(lo: torch.Tensor, hi: torch.Tensor, n_in: int, size: int) -> torch.Tensor:
-    """[n, size, n_in]: row o of crop i weighs the n_in input pixels of output pixel o when the
-    span [lo[i], hi[i]) is resized to `size` pixels, antialiased bilinear as in PIL: a triangle
-    around c = lo + (o + 0.5)·step, step = (hi - lo) / size, of half-width max(1, step); rows
-    renormalised to sum 1 (the frame's edge pixels take the weight that falls outside it)."""
+    """[n, size, n_in]: row o of crop i weighs the input pixels of output pixel o when [lo[i], hi[i])
+    is resized to `size` pixels, antialiased bilinear as PIL's: a triangle around lo + (o + 0.5)·step
+    (step = (hi - lo) / size) of half-width max(1, step), rows renormalised to sum 1."""
     step = (hi - lo) / size
     out = torch.arange(size, device=lo.device, dtype=torch.float32)
     centre = lo[:, None] + (out + 0.5) * step[:, None]  # [n, size]
@@ -599,9 +575,7 @@ def blur_matrix(sigma: torch.Tensor, size: int, radius: int) -> torch.Tensor:
     """[n, size, size]: a 1-D Gaussian blur of `size` pixels with sigma[i], truncated at `radius`,
     with torch's "reflect" padding folded in: row o weighs every input pixel of output pixel o."""
     if radius >= size:
-        raise ValueError(
-            f"blur radius {radius} needs crops larger than {radius} pixels, got {size}"
-        )
+        raise ValueError(f"blur radius {radius} needs crops larger than {radius} pixels: {size}")
     tap = torch.arange(-radius, radius + 1, device=sigma.device)
     k = torch.exp(-(tap.float() ** 2) / (2 * sigma[:, None].float() ** 2))
     k = k / k.sum(1, keepdim=True)  # [n, 2r+1]
@@ -652,9 +626,8 @@ def render_views(img: torch.Tensor, params: dict, size: int, basis: torch.Tensor
 
 def multi_crop(frames: torch.Tensor, args, gen: torch.Generator, render=render_views):
     """uint8 frames [B, H, W, 3] -> normalised global crops [2B, 3, G, G] and local [nB, 3, L, L],
-    view-major. DINO's recipe (--blur-p, --solarize-p, --jitter-p, --grey-p): global view 1
-    always blurred, view 2 blurred with p 0.1 and solarized with p 0.2, locals blurred with p 0.5;
-    jitter p 0.8, grey p 0.2. Matmuls in bf16 on a GPU (exact for uint8)."""
+    view-major, by DINO's recipe (blur p 1 / 0.1 / 0.5 for global 1 / 2 / locals, solarize p 0.2
+    on global 2, jitter p 0.8, grey p 0.2: the --*-p flags). bf16 matmuls on a GPU."""
     b, h, w, _ = frames.shape
     dtype = torch.bfloat16 if frames.device.type == "cuda" else torch.float32
     img = frames.permute(0, 1, 3, 2).reshape(b, h, 3 * w).to(dtype)  # [B, H, 3·W]: RGB in a row

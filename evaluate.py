@@ -1,23 +1,18 @@
-"""evaluate.py — what social tokens do inside the frozen L: perplexity, attention, RSA.
+"""evaluate.py — what social tokens do inside the frozen L (the paper's results sections).
 
-Companion to the paper's results sections:
-  * "Social tokens improve next-word prediction": per-token perplexity on held-out clips with L
-    alone (none), [SOC-G] only (global), [SOC-L] only (local) and both (full), all with the one
-    trained g; two controls in g's trained layout (projector.json's `inject`): `zero` (social
-    vectors set to 0: what the positions alone do) and `shuffled` (frames of another clip: what
-    a learned soft prompt does without the right frames). Visual gain = shuffled - that layout.
-  * "Attention Scores of Social Tokens": the share of text queries' attention on [SOC-G],
-    [SOC-L], BOS and text per layer and head, against zero vectors at the same positions (the
-    paper's positional-bias check); the heads that attend most to social tokens.
-  * RSA against human similarity (authors' --index, --sim-rsm, --pool) or odd-one-out triplets:
-    1 - correlation distance of pooled hidden states, Spearman rho on the upper triangle,
-    permutation p-value, bootstrap CI; the layer is prespecified (--layer) or chosen on one half
-    of the items and reported on the other, never on the data it is reported on.
+  * Perplexity on held-out clips: L alone (none), [SOC-G] (global), [SOC-L] (local), both (full),
+    one trained g; two controls in g's trained layout (projector.json's `inject`): `zero` vectors
+    (what the positions do) and `shuffled` frames of another clip (a soft prompt without the right
+    frames). Visual gain = shuffled - that layout. exp(sum NLL / sum tokens); 95% bootstrap CIs
+    resample utterances, the same resamples for every condition (paired differences).
+  * Attention of text queries to [SOC-G], [SOC-L], BOS and text per layer and head, against zero
+    vectors at the same positions; the heads that attend most to social tokens.
+  * RSA against human similarity (--index, --sim-rsm, --pool) or odd-one-out triplets: Spearman
+    rho of pooled hidden states' correlations, permutation p, bootstrap CI, the layer prespecified
+    (--layer) or chosen on half of the items and reported on the other half.
+  * The encoder probe: a linear probe of V's [CLS] for who does what to whom, before and after DINO.
 
-Perplexity = exp(sum NLL / sum scored tokens); 95% bootstrap intervals resample utterances, the
-same resamples for every condition, so that differences between conditions are paired.
-
-Writes OUT/eval/ppl.json, attention.json, rsa.json, summary.md and three PNG plots:
+Writes OUT/eval/{ppl,attention,rsa,encoder_probe}.json, summary.md and PNG plots:
   python evaluate.py --data data/demo --projector out/proj --out out
 """
 
@@ -87,10 +82,8 @@ def derangement(n: int, seed: int) -> np.ndarray:
     """A uniformly random permutation of range(n) without fixed point (rejection sampling, ~e
     draws): clip i takes its frames from clip perm[i] != i in the `shuffled` control."""
     if n < 2:
-        raise ValueError(
-            f"the shuffled control needs at least 2 held-out clips with content words, got {n} "
-            "(leave `shuffled` out of --conditions)"
-        )
+        raise ValueError(f"the shuffled control needs 2 held-out clips with content words, got {n}"
+                         " (leave `shuffled` out of --conditions)")  # fmt: skip
     rng = np.random.default_rng(seed)
     while np.any((perm := rng.permutation(n)) == np.arange(n)):
         pass
@@ -151,8 +144,8 @@ def ppl_report(nll: dict, tokens: dict, n_boot: int, seed: int, layout: str = "f
 
     conds = {}
     for c, b in zip(names, boot, strict=True):
-        conds[c] = dict(ppl=point[c], ci95=percentile_ci(b), tokens=int(np.sum(tokens[c])))
-        conds[c]["utterances"] = len(nll[c])
+        conds[c] = dict(ppl=point[c], ci95=percentile_ci(b), tokens=int(np.sum(tokens[c])),
+                        utterances=len(nll[c]))  # fmt: skip
         if "none" in names and c != "none":
             conds[c]["minus_none"] = minus(c, "none")
         if c in ("zero", "shuffled") and layout in names:
@@ -229,8 +222,8 @@ def top_heads(shares: np.ndarray, baseline: np.ndarray, k: int) -> list[dict]:
     heads, order = [], np.argsort(-social, axis=None, kind="stable")[:k]
     for layer, head in zip(*np.unravel_index(order, social.shape), strict=True):
         s, b = float(social[layer, head]), float(base[layer, head])
-        heads.append(dict(layer=int(layer), head=int(head), social_share=s, zero_baseline=b))
-        heads[-1]["excess"] = s - b
+        heads.append(dict(layer=int(layer), head=int(head), social_share=s, zero_baseline=b,
+                          excess=s - b))  # fmt: skip
     return heads
 
 

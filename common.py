@@ -834,6 +834,23 @@ def log_metrics(out: Path, record: dict) -> None:
             f.write(json.dumps(record) + "\n")
 
 
+def plot_metrics(out: Path, keys: Sequence[str]) -> None:
+    """out/metrics.png: each of `keys` in out/metrics.jsonl against the step, a panel each (rank
+    0; matplotlib's Figure without pyplot: a file, no display)."""
+    from matplotlib.figure import Figure
+
+    if not is_main():
+        return
+    lines = (Path(out) / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines if line.strip()]
+    fig = Figure(figsize=(3.6 * len(keys), 3), layout="tight")
+    for ax, key in zip(fig.subplots(1, len(keys), squeeze=False)[0], keys, strict=True):
+        steps = [r["step"] for r in records if key in r]
+        ax.plot(steps, [r[key] for r in records if key in r], "o-" if len(steps) < 30 else "-")
+        ax.set(xlabel="step", title=key)
+    atomic_write(Path(out) / "metrics.png", lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+
+
 def check_finite(loss: float, step: int, ckpt: Path, hint: str) -> None:
     """Stop on a non-finite rank-averaged loss (every rank sees the same value: all stop)."""
     if not np.isfinite(loss):

@@ -82,8 +82,8 @@ def derangement(n: int, seed: int) -> np.ndarray:
     """A uniformly random permutation of range(n) without fixed point (rejection sampling, ~e
     draws): clip i takes its frames from clip perm[i] != i in the `shuffled` control."""
     if n < 2:
-        raise ValueError(f"the shuffled control needs 2 held-out clips with content words, got {n}"
-                         " (leave `shuffled` out of --conditions)")  # fmt: skip
+        raise ValueError(f"the shuffled control needs at least 2 held-out clips with content "
+                         f"words, got {n} (leave `shuffled` out of --conditions)")  # fmt: skip
     rng = np.random.default_rng(seed)
     while np.any((perm := rng.permutation(n)) == np.arange(n)):
         pass
@@ -429,6 +429,17 @@ def plot_layer_shares(shares: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def plot_ppl(ppl: dict, path: Path) -> None:
+    """Perplexity per condition with its 95% bootstrap interval (log scale: `none` sits far up)."""
+    fig, (ax,) = figure()
+    conds = ppl["conditions"]
+    point, ci95 = np.array([r["ppl"] for r in conds.values()]), [r["ci95"] for r in conds.values()]
+    err = np.abs(np.array(ci95).T - point)  # [2, C]: below and above the point
+    ax.bar(list(conds), point, yerr=err, capsize=4, color="tab:blue")
+    ax.set(yscale="log", ylabel=f"perplexity ({ppl['split']} split, 95% CI)")
+    fig.savefig(path, dpi=120)
+
+
 def plot_rsa_layers(r: dict, path: Path) -> None:
     """rho per layer on all items (descriptive), with the reported layer and its CI marked."""
     fig, (ax,) = figure()
@@ -742,6 +753,7 @@ def main(argv: list[str] | None = None) -> None:
         ppl.update(split=args.split, utterances=n, steps=args.steps, skipped=skipped, donors=donors)
         ppl.update(controls_layout=layout, bootstrap=args.bootstrap, seed=args.seed, **source)
         common.write_json(out / "ppl.json", {**ppl, "utterances_per_s": n / seconds})
+        plot_ppl(ppl, out / "ppl.png")
 
     if "attention" in parts:  # ============ attention to social tokens ============
         if not (chosen := [it for it in items if len(it.t_p)][: args.attention_examples]):

@@ -103,8 +103,7 @@ class DINOHead(nn.Module):
 
     def __init__(self, in_dim, out_dim, hidden=2048, bottleneck=256, bn=False):
         super().__init__()
-        dims = (in_dim, hidden, hidden, bottleneck)
-        layers = [nn.Linear(dims[i], dims[i + 1]) for i in range(3)]
+        layers = [nn.Linear(*d) for d in ((in_dim, hidden), (hidden, hidden), (hidden, bottleneck))]
         mlp = [layers[0]]  # Linear (BatchNorm) GELU Linear (BatchNorm) GELU Linear
         for linear in layers[1:]:
             mlp += [nn.BatchNorm1d(hidden)] * bn + [nn.GELU(), linear]
@@ -433,8 +432,8 @@ def train_dino(args: argparse.Namespace) -> dict:
             record.update({k: float(v[step]) for k, v in sched.items() if k != "freeze_last_layer"})
             mfu = ips * flops / (peak * 1e12)
             record.update(images_per_s_per_device=ips, images_per_s=ips * world, mfu=mfu,
-                          peak_mem_gb=common.peak_memory_gb(device))  # fmt: skip
-            record.update(teacher_stats(t_out, center, sched["teacher_temp"][step]))
+                          peak_mem_gb=common.peak_memory_gb(device),
+                          **teacher_stats(t_out, center, sched["teacher_temp"][step]))  # fmt: skip
             common.log_metrics(out, record)
             bar.set_postfix(loss=f"{mean_loss:.4f}", ips=f"{ips:.1f}", mfu=f"{mfu:.1%}")
             loss_sum.zero_()
@@ -445,6 +444,7 @@ def train_dino(args: argparse.Namespace) -> dict:
             if common.is_main():
                 common.save_checkpoint(ckpt_path, state, args)
     bar.close()
+    common.plot_metrics(out, ("loss", "teacher_mi", "prototypes_used", "lr"))
 
     # ============ export the teacher's V ... ============
     ln_k = math.log(args.out_dim)  # the loss of uniform targets: DINO's trivial fixed point

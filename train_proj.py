@@ -322,6 +322,7 @@ def train_proj(args: argparse.Namespace):
             if dist.is_initialized():
                 dist.barrier()
     bar.close()
+    common.plot_metrics(args.out, ("loss", "val_ppl", "lr"))
 
     # ============ export ============
     if common.is_main():

@@ -489,6 +489,7 @@ def test_training_lowers_the_loss(tiny_data, tmp_path, monkeypatch):
     keys += ["images_per_s_per_device", "images_per_s", "mfu", "peak_mem_gb"]
     keys += ["teacher_entropy", "teacher_mi", "prototypes_used"]  # collapse diagnostics
     assert all(list(r) == keys for r in lines)
+    assert (tmp_path / "metrics.png").stat().st_size > 1000  # the training curve
     for key in keys:
         assert all(math.isfinite(r[key]) for r in lines), key
     assert lines[3]["epoch"] == 1.0 and lines[0]["lr"] == pytest.approx(0.05 * 8 / 256)

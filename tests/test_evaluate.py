@@ -625,7 +625,7 @@ def test_end_to_end_on_the_demo(trained, tmp_path):
     assert len(rsa["results"][0]["per_layer_rho_all_items"]) == 3  # embeddings + 2 blocks
     summary = (ev_dir / "summary.md").read_text()
     assert "Visual gain" in summary and "| shuffled |" in summary and "RSA" in summary
-    for png in ("attention_example.png", "attention_layers.png", "rsa_layers.png"):
+    for png in ("ppl.png", "attention_example.png", "attention_layers.png", "rsa_layers.png"):
         assert (ev_dir / png).stat().st_size > 1000
 
 

@@ -376,6 +376,7 @@ def test_training_lowers_val_loss_and_leaves_L_alone(
     _, L = train_proj.train_proj(train_proj.get_args_parser().parse_args(args))
     vals = [m for m in metrics(out) if "val_loss" in m]
     assert vals[0]["step"] == 0 and vals[-1]["step"] == 12
+    assert (out / "metrics.png").stat().st_size > 1000  # the training curve beside metrics.jsonl
     assert vals[-1]["val_loss"] < vals[0]["val_loss"] - 0.05, vals
     train_log = [m for m in metrics(out) if "loss" in m]
     assert all(m["tokens_per_s"] > 0 and m["mfu"] > 0 for m in train_log)

@@ -847,7 +847,7 @@ def plot_metrics(out: Path, keys: Sequence[str]) -> None:
     for ax, key in zip(fig.subplots(1, len(keys), squeeze=False)[0], keys, strict=True):
         steps = [r["step"] for r in records if key in r]
         ax.plot(steps, [r[key] for r in records if key in r], "o-" if len(steps) < 30 else "-")
-        ax.set(xlabel="step", title=key)
+        ax.set(xlabel="step", title=key, yscale="log" if "ppl" in key else "linear")
     atomic_write(Path(out) / "metrics.png", lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
 
 

@@ -36,7 +36,8 @@ CONDITIONS = ("none", "global", "local", "full", "zero", "shuffled")
 POOL_MODES = ("all", "exclude_soc", "only_soc", "locals_only", "eos")
 GROUP_NAMES = ("bos", "text", "soc_g", "soc_l")  # indexed by the roles BOS, TEXT, SOC_G, SOC_L
 PARTS = {"ppl": "--data", "attention": "--data, --projector", "rsa": "--index, --sim-rsm|triplets",
-         "encoder_probe": "--data with scenes.csv, --projector or --encoder"}  # fmt: skip
+         "encoder_probe": "--data with scenes.csv, --projector or --encoder",
+         "logit_lens": "--data, --projector", "compare": "--data, --projector, --compare"}  # fmt: skip
 SLOTS = ("actor", "action", "target")  # who does what to whom: scenes.csv's columns
 DTYPES = ("auto", "bfloat16", "float32")  # of L; auto: what g was trained against
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -67,6 +68,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--permutations", type=int, default=5000, help="permutations for RSA's p-value")
     p.add_argument("--attention-examples", type=int, default=64, help="utterances averaged")
     p.add_argument("--top-heads", type=int, default=10, help="heads listed by social attention")
+    p.add_argument("--lens-examples", type=int, default=16, help="utterances in the logit lens")
+    p.add_argument("--top-k", type=int, default=5, help="tokens per layer in the logit lens")
+    p.add_argument("--compare", type=Path, help="another train_proj.py --out: cosine of [SOC-L]")
     p.add_argument("--index", type=Path, help="RSA items CSV: item_id,clip_id,text")
     p.add_argument("--sim-rsm", type=Path, help="human similarity CSV: item_id, a column an id")
     p.add_argument("--triplets", type=Path, help="odd-one-out CSV: item_a,item_b,item_c,odd")
@@ -263,6 +267,50 @@ def run_attention(L, tokenizer, items, social, layout, batch_size, top_k, device
     return {**report, "example": {"clip_id": items[0].clip_id, "tokens": tokens}}, heat
 
 
+# ============ what L reads in social tokens: the logit lens; two projectors compared ============
+@torch.no_grad()
+def logit_lens(L, tokenizer, items, social, layout, batch_size, k, device) -> dict:
+    """Per layer, the k tokens L's head reads at the [SOC-G] and at the [SOC-L] positions (the
+    logit lens: L's final norm and head on each layer's hidden state), by probability averaged
+    over the positions; layer 0 is the input embedding, the last is L's own output."""
+    embed, head, norm = L.get_input_embeddings(), L.get_output_embeddings(), L.get_decoder().norm
+    cap, sums, count = getattr(L.config, "final_logit_softcapping", None), {}, {}
+    for s in range(0, len(items), batch_size):
+        part = items[s : s + batch_size]
+        with common.autocast(device):
+            inject, soc_l = social(part, layout)
+            batch = common.insert_social_tokens(part, soc_l, embed, inject)
+            out = common.lm_forward(L, batch, output_hidden_states=True)
+            hidden = [*map(norm, out.hidden_states[:-1]), out.last_hidden_state]
+        for role, name in ((SOC_G, "soc_g"), (SOC_L, "soc_l")):
+            if not (where := batch.roles == role).any():
+                continue
+            acc = sums.setdefault(name, hidden[0].new_zeros(len(hidden), head.weight.shape[0]))
+            count[name] = count.get(name, 0) + int(where.sum())
+            for i, h in enumerate(hidden):  # a layer at a time: [positions, vocabulary] logits
+                z = head(h[where].to(head.weight.dtype)).float()
+                acc[i] += (cap * torch.tanh(z / cap) if cap else z).softmax(-1).sum(0)
+    layers = []
+    for i in range(len(hidden)):
+        layers.append({"layer": i})
+        for name in sums:
+            p, ids = (sums[name][i] / count[name]).topk(k)
+            tokens = tokenizer.convert_ids_to_tokens(ids.tolist())
+            layers[-1][name] = [[t, float(q)] for t, q in zip(tokens, p.tolist(), strict=True)]
+    return {"layout": layout, "examples": len(items), "positions": count, "layers": layers}
+
+
+@torch.no_grad()
+def compare_projectors(g_a, feats_a, g_b, feats_b, frame_rows) -> dict:
+    """Cosine, frame by frame, of two projectors' [SOC-L] vectors g_a(v_j) and g_b(v_j) (each g
+    with the V it was trained with) on the same frames; and the ratio of their norms."""
+    a, b = g_a(feats_a[frame_rows]).float(), g_b(feats_b[frame_rows]).float()
+    cos, ratio = F.cosine_similarity(a, b, dim=-1).cpu().numpy(), (b.norm(dim=-1) / a.norm(dim=-1))
+    stats = {q: float(np.percentile(cos, p)) for q, p in (("p05", 5), ("median", 50), ("p95", 95))}
+    out = {"frames": len(cos), "cosine": {"mean": float(cos.mean()), **stats}}
+    return {**out, "norm_ratio_b_over_a": float(ratio.mean()), "per_frame": cos.tolist()}
+
+
 # ============ RSA: pooled hidden states against human similarity ============
 def pool_hidden(hidden: torch.Tensor, group: torch.Tensor, mode: str) -> torch.Tensor:
     """[B, T, D] hidden states of one layer -> [B, D] (authors' --pool): all: every position but
@@ -457,8 +505,9 @@ def ci(interval, fmt: str = ".2f") -> str:
     return f"[{interval[0]:{fmt}}, {interval[1]:{fmt}}]"
 
 
-def summary_markdown(ppl=None, attention=None, rsa=None, encoder_probe=None) -> str:
-    """A markdown digest of ppl.json, attention.json and rsa.json (those given)."""
+def summary_markdown(ppl=None, attention=None, rsa=None, encoder_probe=None, logit_lens=None,
+                     compare=None) -> str:  # fmt: skip
+    """A markdown digest of the parts' JSON (those given)."""
     md = ["# Evaluation summary"]
 
     def table(*head: str) -> None:
@@ -502,6 +551,18 @@ def summary_markdown(ppl=None, attention=None, rsa=None, encoder_probe=None) -> 
         table("V", *SLOTS)
         for k in (k for k in ("untrained", "fine_tuned", "chance") if k in encoder_probe):
             md.append(f"| {k} | " + " | ".join(f"{encoder_probe[k][s]:.3f}" for s in SLOTS) + " |")
+    if logit_lens:
+        names = [n for n in ("soc_g", "soc_l") if n in logit_lens["layers"][0]]
+        md.append(f"\n## Logit lens: what L's head reads at social tokens (top 3 of {names})")
+        table("layer", *names)
+        for r in logit_lens["layers"]:
+            cells = (" ".join(repr(t) for t, _ in r[n][:3]).replace("|", "\\|") for n in names)
+            md.append(f"| {r['layer']} | " + " | ".join(cells) + " |")
+    if compare:
+        c = compare["cosine"]
+        md.append(f"\n## Two projectors: cosine of [SOC-L] on {compare['frames']} frames")
+        md.append(f"\nmean {c['mean']:.3f}, median {c['median']:.3f}, 5-95% "
+                  f"[{c['p05']:.3f}, {c['p95']:.3f}]; {compare['b']} against {compare['a']}.")  # fmt: skip
     return "\n".join(md) + "\n"
 
 
@@ -683,6 +744,7 @@ def main(argv: list[str] | None = None) -> None:
     given = {"ppl": args.data, "attention": args.data and args.projector, "rsa": rsa_given}
     given["encoder_probe"] = args.data and (args.data / "scenes.csv").exists()
     given["encoder_probe"] = given["encoder_probe"] and (args.projector or args.encoder)
+    given.update(logit_lens=given["attention"], compare=given["attention"] and args.compare)
     parts = args.what or [p for p in PARTS if given[p]]
     if unknown := [p for p in parts if p not in PARTS]:
         raise SystemExit(f"--what: unknown part {unknown[0]!r}; expected {', '.join(PARTS)}")
@@ -716,7 +778,7 @@ def main(argv: list[str] | None = None) -> None:
     # ============ held-out utterances, shuffled donors, RSA items ============
     clip_index = common.clip_frame_index(common.read_manifest(args.data)) if args.data else {}
     items, skipped, donors, index, r_items = [], [], None, [], []
-    if "ppl" in parts or "attention" in parts:
+    if {"ppl", "attention", "logit_lens"} & set(parts):
         utts = common.read_utterances(args.data, args.split)
         task, turns = cfg.get("task", "utterance"), cfg.get("context_turns", 3)
         items, skipped = common.tokenize_split(utts, tokenizer, clip_index, task, turns, max_len)
@@ -736,7 +798,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # ============ V: v_j = V(F_j)[CLS] of every frame (train_proj's cache) ============
     feats = None
-    if g is not None and any(len(it.t_p) for it in [*items, *r_items]):
+    if g is not None and (any(len(it.t_p) for it in [*items, *r_items]) or "compare" in parts):
         if (encoder := args.encoder or cfg.get("encoder")) is None:
             raise SystemExit(f"{args.projector}: projector.json names no encoder: give --encoder")
         V, _ = common.load_encoder(encoder, device)
@@ -765,6 +827,24 @@ def main(argv: list[str] | None = None) -> None:
         plot_attention_heatmaps(heat, tokens, out / "attention_example.png", "one held-out example")
         shares = {c: np.array(r["per_layer_head"]) for c, r in att["conditions"].items()}
         plot_layer_shares(shares, out / "attention_layers.png")
+
+    if "logit_lens" in parts:  # ============ what L's head reads at social tokens ============
+        chosen = [it for it in items if len(it.t_p)][: args.lens_examples]
+        k, bs = args.top_k, args.batch_size
+        common.write_json(
+            out / "logit_lens.json", logit_lens(L, tokenizer, chosen, social, layout, bs, k, device)
+        )
+
+    if "compare" in parts:  # ============ two projectors' [SOC-L] on the same frames ============
+        g_b, cfg_b = load_projector(args.compare, device)
+        if cfg_b["out_dim"] != cfg["out_dim"] or not cfg_b.get("encoder"):
+            raise SystemExit(f"--compare {args.compare}: not a g for {lm} with its encoder")
+        V_b, _ = common.load_encoder(cfg_b["encoder"], device)
+        feats_b = common.cached_features(V_b, args.data, frames, device, args.batch_size)
+        rows = [r["frame_idx"] for r in common.read_manifest(args.data) if r["split"] == args.split]
+        pair = compare_projectors(g, feats, g_b, feats_b.to(device), torch.tensor(rows))
+        common.write_json(out / "compare.json", {"a": str(args.projector), "b": str(args.compare),
+                                                 "split": args.split, **pair})  # fmt: skip
 
     if "rsa" in parts:  # ============ RSA against human similarity ============
         ids, targets = [it["item_id"] for it in index], []

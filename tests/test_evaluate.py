@@ -83,6 +83,59 @@ def test_run_ppl_equals_hand_computation(softcap):
     assert ev.perplexity(nll, tok) == pytest.approx(expect, rel=1e-5)
 
 
+def test_logit_lens_equals_hand_computation():
+    """Per layer, the mean probability over [SOC-L] positions of what L's final norm and head read
+    there: the hand version runs each sequence alone and takes the last layer from L's logits."""
+    from types import SimpleNamespace
+
+    model = tiny_gemma(softcap=3.0)
+    torch.nn.init.normal_(model.model.norm.weight)  # the final norm must count
+    embed = model.get_input_embeddings()
+    items = [
+        TokenizedUtterance(np.array([2, 7, 9, 11, 4, 30]), 1, np.array([2, 4]), np.zeros(2), "a"),
+        TokenizedUtterance(np.array([2, 8, 12, 13]), 2, np.array([3]), np.zeros(1), "c"),
+    ]
+    soc_l = torch.randn(3, 32, generator=torch.Generator().manual_seed(1))
+    tokenizer = SimpleNamespace(convert_ids_to_tokens=lambda ids: [f"t{i}" for i in ids])
+    social = lambda part, c: ("local", soc_l)  # noqa: E731
+    lens = ev.logit_lens(model, tokenizer, items, social, "local", 2, 4, torch.device("cpu"))
+    with torch.no_grad():
+        probs, row = 0, 0
+        for it in items:
+            seq, where = list(embed(torch.tensor(it.input_ids))), []
+            for k, p in enumerate(it.t_p.tolist()):  # [SOC-L] after t_p; later ones shift by one
+                seq.insert(p + 1 + k, soc_l[row + k])
+                where.append(p + 1 + k)
+            seq = torch.stack(seq)
+            row += len(it.t_p)
+            out = model(inputs_embeds=seq[None], output_hidden_states=True)
+            z = [model.lm_head(model.model.norm(h[0])) for h in out.hidden_states[:-1]]
+            z = [3.0 * torch.tanh(x / 3.0) for x in z] + [out.logits[0]]
+            probs = probs + torch.stack([x.softmax(-1)[where] for x in z]).sum(1)
+        probs /= row
+    assert lens["positions"] == {"soc_l": 3} and len(lens["layers"]) == 3  # embeddings + 2
+    for layer, p in zip(lens["layers"], probs, strict=True):
+        top = p.topk(4)
+        assert [t for t, _ in layer["soc_l"]] == [f"t{i}" for i in top.indices.tolist()]
+        np.testing.assert_allclose([q for _, q in layer["soc_l"]], top.values, rtol=1e-4)
+
+
+def test_compare_projectors_on_planted_pairs():
+    """The same g on the same features agrees frame by frame (cosine 1); a g whose output layer
+    is negated disagrees (cosine -1, norm ratio 1); frames are picked by row."""
+    g = common.Projector(8, 16)
+    flipped = common.Projector(8, 16)
+    flipped.load_state_dict(
+        {k: -v if k.startswith("net.2") else v for k, v in g.state_dict().items()}
+    )
+    feats = torch.randn(10, 8)
+    same = ev.compare_projectors(g, feats, g, feats, torch.tensor([1, 4, 7]))
+    assert same["frames"] == 3 and same["cosine"]["mean"] == pytest.approx(1.0, abs=1e-6)
+    neg = ev.compare_projectors(g, feats, flipped, feats, torch.arange(10))
+    assert neg["cosine"]["p95"] == pytest.approx(-1.0, abs=1e-6)
+    assert neg["norm_ratio_b_over_a"] == pytest.approx(1.0, abs=1e-6)
+
+
 def simulate(rng, n, mu):
     """n utterances with Poisson token counts; per-token NLL ~ Gamma with mean mu."""
     tok = rng.poisson(12, n) + 1
@@ -595,8 +648,14 @@ def test_end_to_end_on_the_demo(trained, tmp_path):
     args = ["--data", str(data), "--projector", str(proj), "--out", str(out), "--split", "train"]
     args += ["--bootstrap", "200", "--permutations", "100", "--device", "cpu"]
     args += ["--index", str(tmp_path / "index.csv"), "--sim-rsm", str(tmp_path / "human.csv")]
+    args += ["--compare", str(proj)]  # g against itself: cosine 1 on every frame
     ev.main([*args, "--triplets", str(tmp_path / "trip.csv"), "--attention-examples", "8"])
     ev_dir = out / "eval"
+    lens = json.loads((ev_dir / "logit_lens.json").read_text())
+    assert len(lens["layers"]) == 3 and lens["positions"]["soc_l"] > lens["positions"]["soc_g"]
+    assert all(len(r["soc_g"]) == 5 for r in lens["layers"])
+    pair = json.loads((ev_dir / "compare.json").read_text())
+    assert pair["cosine"]["p05"] == pytest.approx(1.0, abs=1e-5) and pair["frames"] > 0
 
     ppl = json.loads((ev_dir / "ppl.json").read_text())
     conds = ppl["conditions"]
@@ -625,6 +684,7 @@ def test_end_to_end_on_the_demo(trained, tmp_path):
     assert len(rsa["results"][0]["per_layer_rho_all_items"]) == 3  # embeddings + 2 blocks
     summary = (ev_dir / "summary.md").read_text()
     assert "Visual gain" in summary and "| shuffled |" in summary and "RSA" in summary
+    assert "Logit lens" in summary and "Two projectors" in summary
     for png in ("ppl.png", "attention_example.png", "attention_layers.png", "rsa_layers.png"):
         assert (ev_dir / png).stat().st_size > 1000
 

@@ -346,6 +346,12 @@ def embedded_lm_path() -> Path:
     return final
 
 
+def compile_lm(L) -> None:
+    """torch.compile each decoder layer of L: they share their code, so one graph serves all."""
+    for layer in L.get_decoder().layers:
+        layer.compile()
+
+
 def lm_forward(L, batch: SocialBatch, **flags):
     """L's decoder on an inserted batch (flags: output_attentions, output_hidden_states)."""
     return L.get_decoder()(

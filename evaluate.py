@@ -64,6 +64,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-len", type=int, help="max length with social tokens (default: g's)")
     p.add_argument("--seed", type=int, default=0, help="seeds --steps, derangement, resampling")
     p.add_argument("--device", default=DEVICE, help="cpu or cuda (bf16 autocast)")
+    p.add_argument("--compile", action="store_true", help="torch.compile L's layers and loss")
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the CIs")
     p.add_argument("--permutations", type=int, default=5000, help="permutations for RSA's p-value")
     p.add_argument("--attention-examples", type=int, default=64, help="utterances averaged")
@@ -170,7 +171,7 @@ def length_batches(items, batch_size: int, steps: int = 0, seed: int = 0) -> lis
 
 
 @torch.no_grad()
-def run_ppl(L, items, batches, conditions, social, device) -> tuple[dict, dict, float]:
+def run_ppl(L, items, batches, conditions, social, device, compiled=False):
     """(nll, tokens, seconds): per condition, the summed NLL and scored tokens of the utterances
     in `batches`, in item order, from `common.token_nll` (train_proj's loss); social(items,
     condition) -> (inject, soc_l). Sums stay on L's device: no host sync per batch."""
@@ -185,7 +186,7 @@ def run_ppl(L, items, batches, conditions, social, device) -> tuple[dict, dict, 
             with common.autocast(device):
                 inject, soc_l = social(part, c)
                 batch = common.insert_social_tokens(part, soc_l, L.get_input_embeddings(), inject)
-                nll = common.token_nll(L, batch).double()  # [n_scored]
+                nll = common.token_nll(L, batch, compiled).double()  # [n_scored]
             item = where[batch.loss_row]  # the utterance of each scored token
             sums[0, k].index_add_(0, item, nll)
             sums[1, k].index_add_(0, item, torch.ones_like(nll))
@@ -764,6 +765,8 @@ def main(argv: list[str] | None = None) -> None:
     lm = args.lm or cfg.get("lm") or common.EMBEDDED_LM
     dtype = cfg.get("lm_dtype") if args.lm_dtype == "auto" else args.lm_dtype  # None: load_lm's
     L, tokenizer = common.load_lm(lm, device, getattr(torch, dtype) if dtype else None)
+    if args.compile:
+        common.compile_lm(L)
     if g is not None and (width := L.config.hidden_size) != cfg["out_dim"]:
         raise SystemExit(f"{args.projector}: g's out_dim {cfg['out_dim']}, {lm}'s width {width}")
     source = dict(lm=lm, lm_dtype=str(L.dtype).removeprefix("torch."))
@@ -808,7 +811,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if "ppl" in parts:  # ============ perplexity under every condition ============
         batches = length_batches(items, args.batch_size, args.steps, args.seed)
-        nll, tok, seconds = run_ppl(L, items, batches, conditions, social, device)
+        nll, tok, seconds = run_ppl(L, items, batches, conditions, social, device, args.compile)
         n = len(nll[conditions[0]])
         print(f"perplexity: {n} utterances x {len(conditions)} conditions, {n / seconds:.1f} utt/s")
         ppl = ppl_report(nll, tok, args.bootstrap, args.seed, layout)

@@ -129,7 +129,7 @@ def batch_nll(L, g, V, items, rows, features, frames, args, device) -> tuple[tor
     return nll, int(batch.loss_pos.numel())
 
 
-def lm_flops(config, lengths: np.ndarray, n_scored: int) -> float:
+def lm_flops(config, lengths: np.ndarray, n_scored: int, backward: bool = True) -> float:
     """FLOPs L spends on a batch: forward and input-gradient backward (L is frozen: no weight
     gradients, backward = forward for matmuls, 2x for causal attention over T(T+1)/2 pairs);
     the output head on the scored positions only. 2 FLOPs per multiply-add."""
@@ -138,7 +138,8 @@ def lm_flops(config, lengths: np.ndarray, n_scored: int) -> float:
     hd = getattr(config, "head_dim", None) or d // heads
     per_token = 2 * layers * (d * hd * (2 * heads + 2 * kv) + 3 * d * config.intermediate_size)
     attn = 4 * layers * heads * hd * float((lengths * (lengths + 1) // 2).sum())
-    return 2 * per_token * float(lengths.sum()) + 3 * attn + 4 * d * config.vocab_size * n_scored
+    fwd = per_token * float(lengths.sum()), attn, 2 * d * config.vocab_size * n_scored
+    return 2 * fwd[0] + 3 * fwd[1] + 2 * fwd[2] if backward else sum(fwd)
 
 
 # ============ the run ============
@@ -155,7 +156,7 @@ def train_proj(args: argparse.Namespace):
     dtype = None if args.lm_dtype == "auto" else getattr(torch, args.lm_dtype)
     L, tokenizer = common.load_lm(args.lm, device, dtype, attn_implementation=args.attn)
     if args.compile:
-        compile_lm(L)
+        common.compile_lm(L)
     manifest = common.read_manifest(args.data)
     clip_index = common.clip_frame_index(manifest)
     frames = common.open_frames(args.data)
@@ -359,12 +360,6 @@ def bucket_batches(lengths, batch_size: int, seed: int, epoch: int, rank: int, w
     batches = [batches[i] for i in rng.permutation(len(batches))]
     per_rank = len(batches) // world
     return batches[rank * per_rank : (rank + 1) * per_rank]
-
-
-def compile_lm(L) -> None:
-    """torch.compile each decoder layer of L: they share their code, so one graph serves all."""
-    for layer in L.get_decoder().layers:
-        layer.compile()
 
 
 def main(argv: list[str] | None = None) -> None:

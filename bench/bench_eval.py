@@ -3,10 +3,13 @@
 Times `evaluate.run_ppl` (social_vectors + insert_social_tokens + L's forward + the chunked NLL
 of the scored tokens, per condition) on random utterances with content words, with an L of random
 weights shaped like the embedded Gemma 3 270M or like Gemma-2-2B (the paper's L): only the times
-mean anything. bf16 on CUDA.
+mean anything. bf16 on CUDA. MFU = L's forward FLOPs (train_proj.lm_flops without backward, on
+the inserted lengths) / time / the measured bf16 matmul peak. --compile times eager, then the
+compiled L (its layers and the loss), and checks that both give the same NLL.
 
   python bench/bench_eval.py                                  # CPU, tiny shape
-  python bench/bench_eval.py --shape gemma-2-2b --device cuda --utterances 2048 --batch-size 64
+  python bench/bench_eval.py --shape gemma-2-2b --device cuda --utterances 2048 --batch-size 64 \
+      --compile
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import common  # noqa: E402
 import evaluate as ev  # noqa: E402
+import train_proj  # noqa: E402
 
 SHAPES = {  # decoder shapes; the vocabulary matters: the output head dominates short sequences
     "tiny": dict(
@@ -56,6 +60,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--cls-dim", type=int, default=384, help="width of V's [CLS] (ViT-S: 384)")
     p.add_argument("--conditions", default=",".join(ev.CONDITIONS), help="conditions timed")
     p.add_argument("--seed", type=int, default=0, help="seed of the random data and weights")
+    p.add_argument("--compile", action="store_true", help="eager, then compiled: time and NLL")
     p.add_argument(
         "--device",
         default="cuda" if torch.cuda.is_available() else "cpu",
@@ -116,27 +121,41 @@ def main(argv: list[str] | None = None) -> None:
     social = partial(ev.social_vectors, g, feats, clip_index, "full", donors)
     conditions = [c for c in args.conditions.split(",") if c]
 
-    warm = items[: 2 * args.batch_size]  # kernels, allocator, autotuning
-    ev.run_ppl(L, warm, ev.length_batches(warm, args.batch_size), conditions, social, device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    batches = ev.length_batches(items, args.batch_size)
-    _, tok, seconds = ev.run_ppl(L, items, batches, conditions, social, device)
-    n, c = len(items), len(conditions)
-    text = sum(len(it.input_ids) for it in items) * c
-    peak = (
-        f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
-        if device.type == "cuda"
-        else "n/a (CPU)"
-    )
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-    print(
-        f"{date.today()} | {name or device.type} | L {args.shape} (random weights) | "
-        f"batch {args.batch_size} | ~{args.length} tokens, {args.words} content words | "
-        f"{c} conditions | {n / seconds:.1f} utterances/s | {n * c / seconds:.1f} forwards/s | "
-        f"{text / seconds:.0f} text tokens/s | {int(tok[conditions[0]].sum())} scored "
-        f"tokens per condition | peak {peak}"
-    )
+    lengths = {
+        c: np.array([common.social_length(it, layout(c)) for it in items]) for c in conditions
+    }
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # L's
+    peak, nll = common.matmul_peak_tflops(device, dtype), {}
+    for mode in ("eager", "compiled") if args.compile else ("eager",):
+        if mode == "compiled":
+            common.compile_lm(L)
+        warm, compiled = items[: 2 * args.batch_size], mode == "compiled"  # kernels, autotuning
+        ev.run_ppl(L, warm, ev.length_batches(warm, args.batch_size), conditions, social, device,
+                   compiled)  # fmt: skip
+        batches = ev.length_batches(items, args.batch_size)
+        nll[mode], tok, seconds = ev.run_ppl(
+            L, items, batches, conditions, social, device, compiled
+        )
+        flops = sum(
+            train_proj.lm_flops(L.config, lengths[c], int(tok[c].sum()), backward=False)
+            for c in conditions
+        )
+        n, c = len(items), len(conditions)
+        print(
+            f"{date.today()} | {name or device.type} | L {args.shape} (random weights) | {mode} | "
+            f"batch {args.batch_size} | ~{args.length} tokens, {args.words} content words | "
+            f"{c} conditions | {n / seconds:.1f} utterances/s | {n * c / seconds:.1f} forwards/s | "
+            f"MFU {flops / seconds / (peak * 1e12):.1%} of {peak:.3g} TFLOP/s | "
+            f"peak memory {common.peak_memory_gb(device):.2f} GiB"
+        )
+    if "compiled" in nll:
+        diff = max(np.abs(nll["compiled"][k] / nll["eager"][k] - 1).max() for k in conditions)
+        print(f"compiled vs eager: largest relative difference of an utterance's NLL {diff:.2e}")
+
+
+def layout(condition: str) -> str:  # where the social tokens of a condition sit
+    return {"none": "none", "zero": "full", "shuffled": "full"}.get(condition, condition)
 
 
 if __name__ == "__main__":

@@ -750,7 +750,14 @@ def setup_distributed(device: str | None = None) -> tuple[int, int, torch.device
     if cuda:
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=dev if cuda else None)
+        store, _, _ = next(dist.rendezvous("env://"))
+        # keys of this attempt only: torchrun's restarted workers share the agent's store with
+        # the failed ones, whose stale keys (a dead rank's address) would hang the rendezvous
+        store = dist.PrefixStore(
+            f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}", store
+        )
+        backend, dev_id = ("nccl", dev) if cuda else ("gloo", None)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, device_id=dev_id)
     return rank, world, dev
 
 
@@ -772,9 +779,45 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def cleanup_distributed() -> None:
-    if dist.is_initialized():
+def rank_batch(global_batch: int, world: int, flag: str = "--batch-size") -> int:
+    """Each process's share of a step's global batch: N processes do the step one would."""
+    if global_batch < world or global_batch % world:
+        raise SystemExit(
+            f"{flag} {global_batch} is the global batch (all processes together); it must be a "
+            f"multiple of the {world} processes"
+        )
+    return global_batch // world
+
+
+def cleanup_distributed(failed: bool = False) -> None:
+    """Leave the process group. NCCL's communicator destroy waits, with no time limit and no
+    watchdog, until every rank of the node destroys too (seen on 2 H200s: rank 1 sat in it for
+    as long as rank 0 wrote its export). So the ranks first meet at a barrier, a collective with
+    the group's timeout, each done with its writes and its GPU work, then destroy together.
+    `failed`: another rank may wait in a collective this one never joins: abort the NCCL
+    communicators (no waiting on anyone) and let torchrun stop the rest."""
+    if not dist.is_initialized():
+        return
+    if not failed:
+        dist.barrier()
         dist.destroy_process_group()
+    elif dist.get_backend() == "nccl":
+        dist.distributed_c10d._abort_process_group()
+
+
+FAIL_AT = "SOCIAL_TOKENS_FAIL_AT"
+
+
+def fail_point(rank: int, step: int) -> None:
+    """Test hook for restarts: $SOCIAL_TOKENS_FAIL_AT = "rank:step" makes that rank die at the
+    start of that step as a crash would (os._exit: no clean-up), on torchrun's first attempt only
+    ($TORCHELASTIC_RESTART_COUNT 0 or unset): the restarted run must resume and finish."""
+    at = os.environ.get(FAIL_AT)
+    if not at or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return
+    if tuple(int(x) for x in at.split(":")) == (rank, step):
+        print(f"{FAIL_AT}={at}: rank {rank} dies at step {step}", flush=True)
+        os._exit(1)
 
 
 def autocast(device: torch.device):
@@ -838,6 +881,16 @@ def log_metrics(out: Path, record: dict) -> None:
     if is_main():
         with open(Path(out) / "metrics.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+
+
+def trim_metrics(out: Path, step: int) -> None:
+    """On resume, drop out/metrics.jsonl's records of steps after the checkpoint's (rank 0): the
+    interrupted run logged them, the resumed one logs them again."""
+    path = Path(out) / "metrics.jsonl"
+    if is_main() and path.exists():
+        lines = [x for x in path.read_text().splitlines() if x.strip()]
+        keep = "".join(x + "\n" for x in lines if json.loads(x)["step"] <= step)
+        atomic_write(path, lambda tmp: Path(tmp).write_text(keep, encoding="utf-8"))
 
 
 def plot_metrics(out: Path, keys: Sequence[str]) -> None:

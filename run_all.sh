@@ -21,13 +21,14 @@ ARCH=${ARCH:-vit_small_patch14_dinov2}
 VIDEOS=${VIDEOS:-}
 
 if [ "$NGPU" -gt 0 ]; then
-  # GPUs: the stage files' own defaults (the paper's sizes), one process per GPU.
+  # GPUs: the stage files' own defaults (the paper's sizes), one process per GPU; --batch-size
+  # is the global batch (all GPUs together): 64 frames and 32 utterances per GPU.
   LAUNCH=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NGPU")
   DINO_STEPS=${DINO_STEPS:-2000}
   PROJ_STEPS=${PROJ_STEPS:-3000}
   PREP_SIZE=(--height 224 --width 392)
-  DINO_ARGS=(--batch-size 64 --compile)
-  PROJ_ARGS=(--batch-size 32)
+  DINO_ARGS=(--batch-size $((64 * NGPU)) --compile)
+  PROJ_ARGS=(--batch-size $((32 * NGPU)))
 else
   # 2-core CPU: smaller canvas and crops, few local crops, short runs.
   LAUNCH=("$PYTHON")

@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--splits", default=["train"], type=lambda s: s.split(","), help="manifest splits (a,b)")
     add("--epochs", type=float, default=100, help="passes over the frames")
     add("--steps", type=int, default=None, help="total optimizer steps (wins over --epochs)")
-    add("--batch-size", type=int, default=64, help="frames per GPU (process) per step")
+    add("--batch-size", type=int, default=64, help="frames per step, all processes together")
     add("--seed", type=int, default=0, help="seed of data order, crops and init")
     add("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if any")
     # V and the DINO head
@@ -178,8 +178,9 @@ def clip_gradients(params: list[torch.Tensor], clip: float) -> None:
     torch._foreach_mul_(grads, (clip / (norms + 1e-6)).clamp(max=1.0).unbind())
 
 
-def schedules(args, total: int, steps_per_epoch: int, world: int, device) -> dict:
-    """DINO's, one value per step: LR (peak --lr x global batch / 256) and weight decay, momentum
+def schedules(args, total: int, steps_per_epoch: int, device) -> dict:
+    """DINO's, one value per step: LR (peak --lr x global batch --batch-size / 256, DINO's linear
+    scaling rule: the same on any number of GPUs) and weight decay, momentum
     cosine to 1, teacher temperature (on the device: no copy to read), last layer frozen or not.
     A run shorter than DINO's 100 epochs scales the warm-ups and the freeze to its length, and
     starts the momentum low enough that the teacher leaves its start (EMA_HORIZON)."""
@@ -187,7 +188,7 @@ def schedules(args, total: int, steps_per_epoch: int, world: int, device) -> dic
     def in_steps(epochs: float) -> int:  # a run shorter than DINO's keeps the fraction
         return min(total, round(epochs * steps_per_epoch), round(epochs / PAPER_EPOCHS * total))
 
-    peak_lr = args.lr * args.batch_size * world / 256
+    peak_lr = args.lr * args.batch_size / 256
     # the cosine from m0 to 1 sums (1 - m0)·total/2 of (1 - m): at least EMA_HORIZON
     m0 = min(args.momentum_teacher, max(0.0, 1 - 2 * EMA_HORIZON / total))
     warm = in_steps(args.warmup_teacher_temp_epochs)
@@ -284,8 +285,9 @@ def step_flops(V: nn.Module, head: DINOHead, args: argparse.Namespace) -> float:
 
 class FrameBatches:
     """The frames of each step: the manifest's frames in `splits`, permuted in epoch e by (seed, e),
-    cut into global batches of batch*world, rank r taking rows [r*B, (r+1)*B). A function of the
-    step: a resumed run sees the same data, and N ranks of B see what one of N*B sees."""
+    cut into global batches of `batch` frames, rank r of `world` taking rows [r*B, (r+1)*B), B =
+    batch / world. A function of the step: a resumed run sees the same data, and N ranks see
+    what one sees."""
 
     def __init__(self, data_dir, splits: list[str], batch, rank, world, seed: int) -> None:
         rows = common.read_manifest(data_dir)
@@ -293,11 +295,12 @@ class FrameBatches:
         if len(self.ids) == 0:
             found = sorted({r["split"] for r in rows})
             raise ValueError(f"{data_dir}/manifest.csv: no frames in split(s) {splits}: {found}")
-        self.batch, self.rank, self.world, self.seed = batch, rank, world, seed
-        self.steps_per_epoch = len(self.ids) // (batch * world)
+        self.rank, self.world, self.seed = rank, world, seed
+        self.batch = common.rank_batch(batch, world)  # this rank's rows of each step
+        self.steps_per_epoch = len(self.ids) // batch
         if self.steps_per_epoch == 0:
             raise ValueError(f"{len(self.ids)} training frames cannot fill one step of {batch} "
-                             f"frames x {world} ranks: lower --batch-size")  # fmt: skip
+                             "frames: lower --batch-size")  # fmt: skip
         self._epoch, self._perm = -1, self.ids
 
     def __call__(self, step: int) -> np.ndarray:
@@ -321,12 +324,14 @@ def prefetch(frames: np.ndarray, batches: FrameBatches, start: int, stop: int, p
         except BaseException as e:  # handed to the training loop, which re-raises it
             q.put(e)
 
-    threading.Thread(target=read, daemon=True).start()
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
     for _ in range(start, stop):
         item = q.get()
         if isinstance(item, BaseException):
             raise item
         yield item
+    reader.join()  # done: no pinning in flight when the process group is torn down
 
 
 def seed_step(seed: int, step: int, rank: int, gen: torch.Generator) -> None:
@@ -390,7 +395,7 @@ def train_dino(args: argparse.Namespace) -> dict:
 
     # ============ optimizer and schedules ... ============
     opt = torch.optim.AdamW(common.param_groups(student, args.weight_decay), lr=0.0, fused=cuda)
-    sched = schedules(args, total, spe, world, device)
+    sched = schedules(args, total, spe, device)
     center = torch.zeros(1, args.out_dim, device=device)
 
     # ============ optionally resume training ... ============
@@ -402,8 +407,10 @@ def train_dino(args: argparse.Namespace) -> dict:
         teacher.load_state_dict(state["teacher"])
         opt.load_state_dict(state["optimizer"])
         center, start = state["center"].to(device), state["step"]
-    common.print0(f"train_dino: {len(batches.ids)} frames, {world} x {args.batch_size} a step, "
-                  f"{spe} steps/epoch, steps {start}->{total}")  # fmt: skip
+        common.trim_metrics(out, start)
+    common.print0(f"train_dino: {len(batches.ids)} frames, global batch {args.batch_size} = "
+                  f"{world} process(es) x {batches.batch}, {spe} steps/epoch, steps "
+                  f"{start}->{total}")  # fmt: skip
 
     # ============ training ... ============
     flops = step_flops(student.backbone, student.head, args)  # per frame
@@ -412,6 +419,7 @@ def train_dino(args: argparse.Namespace) -> dict:
     loss_sum, n_log, t_log, record = torch.zeros((), device=device), 0, time.perf_counter(), {}
     bar = tqdm(total=total, initial=start, desc="train_dino", disable=not common.is_main())
     for step, batch in enumerate(prefetch(frames, batches, start, total, pin=cuda), start=start):
+        common.fail_point(rank, step)
         seed_step(args.seed, step, rank, gen)
         with torch.no_grad():
             globals_, locals_ = multi_crop(batch.to(device, non_blocking=True), args, gen, render)
@@ -427,7 +435,7 @@ def train_dino(args: argparse.Namespace) -> dict:
         mean_loss = common.all_reduce_mean(loss_sum / n_log).item()
         common.check_finite(mean_loss, done, ckpt_path, "Lower --lr or raise --warmup-epochs.")
         if log:
-            ips = args.batch_size * n_log / (time.perf_counter() - t_log)
+            ips = batches.batch * n_log / (time.perf_counter() - t_log)  # this rank's
             record = {"step": done, "epoch": done / spe, "loss": mean_loss}
             record.update({k: float(v[step]) for k, v in sched.items() if k != "freeze_last_layer"})
             mfu = ips * flops / (peak * 1e12)
@@ -439,10 +447,12 @@ def train_dino(args: argparse.Namespace) -> dict:
             loss_sum.zero_()
             t_log, n_log = time.perf_counter(), 0
         if save:
+            t_save = time.perf_counter()
             state = {"student": student.state_dict(), "teacher": teacher.state_dict(),
                      "optimizer": opt.state_dict(), "center": center.cpu(), "step": done}  # fmt: skip
             if common.is_main():
                 common.save_checkpoint(ckpt_path, state, args)
+            t_log += time.perf_counter() - t_save  # writing a checkpoint is no training time
     bar.close()
     common.plot_metrics(out, ("loss", "teacher_mi", "prototypes_used", "lr"))
 
@@ -642,8 +652,10 @@ def multi_crop(frames: torch.Tensor, args, gen: torch.Generator, render=render_v
 def main(argv: list[str] | None = None) -> None:
     try:
         train_dino(parse_args(argv))
-    finally:
-        common.cleanup_distributed()
+    except BaseException:
+        common.cleanup_distributed(failed=True)
+        raise
+    common.cleanup_distributed()
 
 
 if __name__ == "__main__":

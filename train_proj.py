@@ -42,7 +42,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("out/proj"), help="outputs and checkpoint")
     p.add_argument("--steps", type=int, default=0, help="optimizer steps (0: use --epochs)")
     p.add_argument("--epochs", type=float, default=3, help="passes over the training utterances")
-    p.add_argument("--batch-size", type=int, default=8, help="utterances per step per process")
+    p.add_argument("--batch-size", type=int, default=8, help="utterances per step, all processes")
     p.add_argument("--seed", type=int, default=0, help="seed of g's init, V's init, batch order")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     # what is trained
@@ -148,6 +148,7 @@ def lm_flops(config, lengths: np.ndarray, n_scored: int, backward: bool = True) 
 def train_proj(args: argparse.Namespace):
     """Train g (and V) against the frozen L; returns (g, L)."""
     rank, world, device = common.setup_distributed(args.device)
+    per_rank = common.rank_batch(args.batch_size, world)
     args.out.mkdir(parents=True, exist_ok=True)
     args.compile = device.type == "cuda" if args.compile is None else args.compile
     common.seed_everything(args.seed)
@@ -218,8 +219,8 @@ def train_proj(args: argparse.Namespace):
         V.eval()
         mine = np.argsort(sets["val"][2], kind="stable")[rank::world]
         totals = torch.zeros(2, dtype=torch.float64, device=device)
-        for s in range(0, len(mine), args.batch_size):
-            nll, n = nll_of("val", mine[s : s + args.batch_size], g, V)
+        for s in range(0, len(mine), per_rank):
+            nll, n = nll_of("val", mine[s : s + per_rank], g, V)
             totals += torch.stack([nll.double(), totals.new_tensor(n)])
         if dist.is_initialized():
             dist.all_reduce(totals)
@@ -229,11 +230,11 @@ def train_proj(args: argparse.Namespace):
         return {"val_loss": loss, "val_ppl": math.exp(min(loss, 700)), "val_tokens": int(totals[1])}
 
     lengths = sets["train"][2]
-    per_epoch = len(bucket_batches(lengths, args.batch_size, args.seed, 0, rank, world))
+    scored = np.array([len(it.input_ids) - it.score_from for it in sets["train"][0]])  # tokens
+    per_epoch = len(bucket_batches(lengths, args.batch_size, args.seed, 0))
     if per_epoch == 0:
         raise SystemExit(
-            f"{len(lengths)} train utterances make no batch of {args.batch_size} per process on "
-            f"{world} process(es): lower --batch-size"
+            f"{len(lengths)} train utterances make no batch of {args.batch_size}: lower --batch-size"
         )
     total = args.steps or max(1, round(args.epochs * per_epoch))
     if args.inject == "none":  # L alone: nothing to train, only its validation loss
@@ -257,28 +258,31 @@ def train_proj(args: argparse.Namespace):
             V.load_state_dict(ckpt["V"])
         optimizer.load_state_dict(ckpt["optimizer"])
         step = int(ckpt["step"])
+        common.trim_metrics(args.out, step)
         common.print0(f"train_proj: resumed from {ckpt_path} at step {step}")
     else:  # where g starts from: the reference for every later validation
         common.log_metrics(args.out, {"step": 0, "epoch": 0.0, **validate()})
 
     # ============ training ============
     common.print0(
-        f"train_proj: {len(lengths)} utterances, {world} process(es) x {args.batch_size} "
-        f"(global batch {world * args.batch_size}), {per_epoch} steps/epoch, steps {step}->{total}"
+        f"train_proj: {len(lengths)} utterances, global batch {args.batch_size} = {world} "
+        f"process(es) x {per_rank}, {per_epoch} steps/epoch, steps {step}->{total}"
     )
     peak = common.matmul_peak_tflops(device, L.dtype)
     bar = tqdm(total=total, initial=step, desc="train_proj", disable=not common.is_main())
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     n_tok, n_seen, flops, t0, record, batches = 0, 0, 0.0, time.perf_counter(), {}, []
     while step < total:
+        common.fail_point(rank, step)
         epoch, j = divmod(step, per_epoch)
         if j == 0 or not batches:  # one epoch's batches at a time
-            batches = bucket_batches(lengths, args.batch_size, args.seed, epoch, rank, world)
-        batch = batches[j]
+            batches = bucket_batches(lengths, args.batch_size, args.seed, epoch)
+        batch = batches[j][rank::world]  # this rank's rows of the global batch
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * float(lr_scale[step])
         nll, n = nll_of("train", batch, g_fwd, V_fwd)
-        (nll / max(n, 1)).backward()  # mean over this rank's tokens; DDP averages the ranks
+        # the mean over the global batch's tokens: DDP averages the ranks' gradients (÷ world)
+        (nll * world / max(int(scored[batches[j]].sum()), 1)).backward()
         if args.clip_grad:
             torch.nn.utils.clip_grad_norm_(
                 [p for grp in groups for p in grp["params"]], args.clip_grad
@@ -347,27 +351,28 @@ def train_proj(args: argparse.Namespace):
 # ============ engineering: length-bucketed batches, compiled L ============
 
 
-def bucket_batches(lengths, batch_size: int, seed: int, epoch: int, rank: int, world: int):
-    """This rank's batches of one epoch, a function of (seed, epoch): shuffled, sorted by length
-    within windows of 50 batches (little padding), the batches shuffled; every rank gets as
-    many (DDP steps in lock step)."""
+def bucket_batches(lengths, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
+    """The global batches of one epoch, a function of (seed, epoch) alone (not of the number of
+    processes): shuffled, sorted by length within windows of 50 batches (little padding), full
+    batches only, the batches shuffled. Rank r of N takes rows r::N of each (similar lengths)."""
     rng = np.random.default_rng([seed, epoch])
     perm, window, batches = rng.permutation(len(lengths)), batch_size * 50, []
     for s in range(0, len(perm), window):
         idx = perm[s : s + window]
         idx = idx[np.argsort(lengths[idx], kind="stable")]
-        batches += [idx[i : i + batch_size] for i in range(0, len(idx), batch_size)]
-    batches = [batches[i] for i in rng.permutation(len(batches))]
-    per_rank = len(batches) // world
-    return batches[rank * per_rank : (rank + 1) * per_rank]
+        full = range(0, len(idx) - batch_size + 1, batch_size)  # a short last batch is dropped
+        batches += [idx[i : i + batch_size] for i in full]
+    return [batches[i] for i in rng.permutation(len(batches))]
 
 
 def main(argv: list[str] | None = None) -> None:
     args = get_args_parser().parse_args(argv)
     try:
         train_proj(args)
-    finally:
-        common.cleanup_distributed()
+    except BaseException:
+        common.cleanup_distributed(failed=True)
+        raise
+    common.cleanup_distributed()
 
 
 if __name__ == "__main__":

@@ -151,9 +151,10 @@ class MemmapFrames(torch.utils.data.Dataset):
 # --------------------------------------------------------------------------------------------
 
 
-def dino_args(b: argparse.Namespace, arch: str, data: Path, compile_: bool) -> argparse.Namespace:
+def dino_args(b, arch: str, data: Path, compile_: bool, world: int) -> argparse.Namespace:
+    """train_dino's flags; its --batch-size is the global batch: --batch-size per GPU x GPUs."""
     flags = [
-        "--data", str(data), "--out", "-", "--arch", arch, "--batch-size", str(b.batch_size),
+        "--data", str(data), "--out", "-", "--arch", arch, "--batch-size", str(b.batch_size * world),
         "--local-crops", str(b.local_crops), "--global-size", str(b.global_size),
         "--local-size", str(b.local_size), "--out-dim", str(b.out_dim),
     ]  # fmt: skip
@@ -180,7 +181,7 @@ def build_step(args, device, world: int, steps_per_epoch: int, total: int, eager
     if world > 1:
         student_fwd = DDP(student_fwd, device_ids=[device.index] if cuda else None)
     opt = torch.optim.AdamW(common.param_groups(student, args.weight_decay), lr=0.0, fused=cuda)
-    sched = train_dino.schedules(args, total, steps_per_epoch, world, device)
+    sched = train_dino.schedules(args, total, steps_per_epoch, device)
     center = torch.zeros(1, args.out_dim, device=device)
 
     def step(i: int, globals_: torch.Tensor, locals_: torch.Tensor) -> None:
@@ -206,7 +207,7 @@ def time_gpu_path(args, step_fn, render, frames, batches, first, steps, warmup, 
     gen = torch.Generator(device)
     last = first + warmup + steps
     reader = train_dino.prefetch(frames, batches, first, last, pin=device.type == "cuda")
-    x = torch.from_numpy(np.array(frames[: args.batch_size])).to(device)
+    x = torch.from_numpy(np.array(frames[: batches.batch])).to(device)
     t0 = 0.0
     for step, batch in enumerate(reader, start=first):
         if step == first + warmup:
@@ -251,7 +252,7 @@ def time_cpu_path(b, args, step_fn, data_file, first, steps, warmup, rank, world
     sampler = torch.utils.data.DistributedSampler(ds, world, rank, shuffle=True, seed=0)
     loader = torch.utils.data.DataLoader(
         ds,
-        batch_size=args.batch_size,
+        batch_size=b.batch_size,
         sampler=sampler,
         num_workers=b.workers,
         pin_memory=device.type == "cuda",
@@ -312,7 +313,7 @@ def main() -> None:
     paths = b.paths.split(",")
     for arch in b.archs.split(","):
         # one run per model, fed by each path in turn (compiled once)
-        args = dino_args(b, arch, data, b.compile)
+        args = dino_args(b, arch, data, b.compile, world)
         batches = train_dino.FrameBatches(data, ["train"], args.batch_size, rank, world, args.seed)
         per_path = b.warmup + b.steps + 3
         total = len(paths) * per_path + 3
@@ -335,18 +336,18 @@ def main() -> None:
                     b, args, step_fn, data / "frames.npy", i * per_path, b.steps, b.warmup, rank,
                     world, device,
                 )  # fmt: skip
-            ips = mean_over_ranks(args.batch_size * b.steps / secs, device)
+            ips = mean_over_ranks(b.batch_size * b.steps / secs, device)
             row = {
                 "arch": SHORT.get(arch, arch),
                 "path": path,
                 "gpus": world,
-                "batch": args.batch_size,
+                "batch": b.batch_size,
                 "compile": args.compile,
                 "aug": "compiled" if args.compile and not b.eager_aug else "eager",
                 "images_per_s_per_gpu": ips,
                 "mfu": ips * flops / (peak * 1e12),
                 "aug_ms": aug_s * 1000,
-                "step_ms": 1000 * args.batch_size / ips,
+                "step_ms": 1000 * b.batch_size / ips,
                 "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30
                 if device.type == "cuda"
                 else float("nan"),

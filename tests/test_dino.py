@@ -98,9 +98,9 @@ def test_schedules_lr_scaled_by_global_batch_and_teacher_temp_warmup(tiny_data, 
     flags = ["--lr", "0.256", "--warmup-epochs", "1", "--teacher-temp", "0.07"]
     flags += ["--warmup-teacher-temp", "0.04", "--warmup-teacher-temp-epochs", "1.25"]
     args = args_for(tiny_data, tmp_path, *flags)
-    sched = train_dino.schedules(args, total=4000, steps_per_epoch=4, world=2, device="cpu")
+    sched = train_dino.schedules(args, total=4000, steps_per_epoch=4, device="cpu")
     lr = sched["lr"]
-    assert lr.max() == pytest.approx(0.256 * 8 * 2 / 256)  # batch 8 per rank, 2 ranks
+    assert lr.max() == pytest.approx(0.256 * 8 / 256)  # the global batch, on any number of ranks
     assert lr[0] == pytest.approx(lr.max() / 4) and np.argmax(lr) == 3  # 1 epoch = 4 steps
     assert sched["freeze_last_layer"][:4].all() and not sched["freeze_last_layer"][4:].any()
     t = sched["teacher_temp"]  # 1.25 epochs = 5 steps of linear warm-up, then constant
@@ -115,14 +115,14 @@ def test_short_runs_scale_the_schedules_to_their_length(tiny_data, tmp_path):
     """A run shorter than DINO's 100 epochs keeps the warm-up and the freeze as fractions of it,
     and its teacher moves: the sum of (1 - momentum) reaches EMA_HORIZON. Long runs: DINO's."""
     args = args_for(tiny_data, tmp_path, "--warmup-epochs", "10", "--freeze-last-layer", "1")
-    short = train_dino.schedules(args, total=30, steps_per_epoch=59, world=1, device="cpu")
+    short = train_dino.schedules(args, total=30, steps_per_epoch=59, device="cpu")
     assert np.argmax(short["lr"]) == 2  # 10% of 30 steps of warm-up, not 590
     assert not short["freeze_last_layer"].any()  # 1% of 30 steps rounds to none
     assert (1 - short["momentum"]).sum() >= train_dino.EMA_HORIZON - 0.5
-    long = train_dino.schedules(args, total=6000, steps_per_epoch=50, world=1, device="cpu")
+    long = train_dino.schedules(args, total=6000, steps_per_epoch=50, device="cpu")
     assert np.argmax(long["lr"]) == 499 and long["freeze_last_layer"].sum() == 50
     assert long["momentum"][0] == pytest.approx(0.996)  # DINO's own start
-    tiny = train_dino.schedules(args, total=4, steps_per_epoch=59, world=1, device="cpu")
+    tiny = train_dino.schedules(args, total=4, steps_per_epoch=59, device="cpu")
     assert tiny["momentum"][0] == 0.0  # never below 0: the teacher follows the student
 
 
@@ -426,7 +426,7 @@ def test_train_step_teacher_is_ema_of_student(tiny_data, tmp_path):
     assert all(not p.requires_grad for p in teacher.parameters())
     opt = torch.optim.AdamW(common.param_groups(student, args.weight_decay))
     # a long run (1000 epochs): DINO's own momentum start and first-epoch freeze
-    sched = train_dino.schedules(args, total=4000, steps_per_epoch=4, world=1, device="cpu")
+    sched = train_dino.schedules(args, total=4000, steps_per_epoch=4, device="cpu")
     t0 = [p.detach().clone() for p in teacher.parameters()]
     s0 = student.head.last_layer.weight.detach().clone()
     frames = torch.from_numpy(scene_frames(8))
@@ -717,6 +717,18 @@ torch.save({{**keep, "probe": probe}}, f"{{args.out}}/rank{{rank}}.pt")
 """
 
 
+def test_frame_batches_split_the_global_batch(tiny_data):
+    """--batch-size is the global batch: rank r of N reads its rows of each step's frames, and
+    together the N ranks read what one process does, step by step."""
+    one = train_dino.FrameBatches(tiny_data, ["train"], 8, 0, 1, seed=0)
+    two = [train_dino.FrameBatches(tiny_data, ["train"], 8, r, 2, seed=0) for r in (0, 1)]
+    assert one.steps_per_epoch == two[0].steps_per_epoch == 4 and two[0].batch == 4
+    for step in range(10):  # across epochs
+        assert np.array_equal(np.sort(np.concatenate([b(step) for b in two])), one(step))
+    with pytest.raises(SystemExit, match="--batch-size 8 is the global batch.*multiple of the 3"):
+        train_dino.FrameBatches(tiny_data, ["train"], 8, 0, 3, seed=0)
+
+
 def test_two_process_torchrun_gloo(tiny_data, tmp_path):
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER.format(repo=str(REPO)))
@@ -724,7 +736,7 @@ def test_two_process_torchrun_gloo(tiny_data, tmp_path):
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
         str(worker), *TINY, "--data", str(tiny_data), "--out", str(out), "--steps", "3",
-        "--batch-size", "4", "--lr", "0.05",
+        "--batch-size", "8", "--lr", "0.05",
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
@@ -739,10 +751,11 @@ def test_two_process_torchrun_gloo(tiny_data, tmp_path):
     assert torch.allclose(r1["probe"], torch.full((1, 3), 0.25))
     assert (out / "encoder.safetensors").exists()
     assert r0["step"] == r1["step"] == 3
-    # rank 0 alone logs; the LR is scaled by the global batch (4 frames x 2 ranks)
+    # rank 0 alone logs; the LR is scaled by the global batch (--batch-size 8: 4 frames x 2 ranks)
     lines = metrics(out)
     assert [r["step"] for r in lines] == [1, 2, 3]
-    assert lines[0]["lr"] == pytest.approx(0.05 * 4 * 2 / 256)
+    assert lines[0]["lr"] == pytest.approx(0.05 * 8 / 256)
+    assert "global batch 8 = 2 process(es) x 4" in done.stdout
     assert lines[0]["images_per_s"] == pytest.approx(2 * lines[0]["images_per_s_per_device"])
 
 

@@ -395,6 +395,21 @@ def test_training_lowers_val_loss_and_leaves_L_alone(
     assert report["train"]["used"] > 0 and report["val"]["used"] > 0
 
 
+def test_bucket_batches_are_global_and_split_over_ranks():
+    """--batch-size is the global batch: the epoch's batches do not depend on the number of
+    processes, and rank r of N reads rows r::N of each, together the whole batch."""
+    lengths = np.random.default_rng(0).integers(5, 60, 203)
+    batches = train_proj.bucket_batches(lengths, 8, seed=0, epoch=1)
+    assert len(batches) == 203 // 8 and all(len(b) == 8 for b in batches)  # full batches only
+    assert len(np.unique(np.concatenate(batches))) == 25 * 8
+    for b in batches:
+        assert sorted(np.concatenate([b[r::2] for r in (0, 1)])) == sorted(b)
+    # sorted by length within windows: a batch spans a small part of the lengths (little padding)
+    assert np.mean([np.ptp(lengths[b]) for b in batches]) < 0.25 * np.ptp(lengths)
+    again = train_proj.bucket_batches(lengths, 8, seed=0, epoch=1)
+    assert all(np.array_equal(a, b) for a, b in zip(again, batches, strict=True))
+
+
 def test_resume_equals_uninterrupted(
     demo_data, tiny_lm_dir, tiny_encoder_dir, tmp_path, monkeypatch
 ):

@@ -5,6 +5,7 @@ and last the plumbing (I/O, checkpoints, distributed, schedules, metrics).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import hashlib
@@ -789,20 +790,22 @@ def rank_batch(global_batch: int, world: int, flag: str = "--batch-size") -> int
     return global_batch // world
 
 
-def cleanup_distributed(failed: bool = False) -> None:
-    """Leave the process group. NCCL's communicator destroy waits, with no time limit and no
-    watchdog, until every rank of the node destroys too (seen on 2 H200s: rank 1 sat in it for
-    as long as rank 0 wrote its export). So the ranks first meet at a barrier, a collective with
-    the group's timeout, each done with its writes and its GPU work, then destroy together.
-    `failed`: another rank may wait in a collective this one never joins: abort the NCCL
-    communicators (no waiting on anyone) and let torchrun stop the rest."""
-    if not dist.is_initialized():
-        return
-    if not failed:
+@contextlib.contextmanager
+def distributed_exit():
+    """Around a stage's run: leave the process group. NCCL's communicator destroy waits, with no
+    time limit and no watchdog, until every rank destroys too (seen on 2 H200s: rank 1 sat in it
+    as long as rank 0 wrote its export), so the ranks first meet at a barrier (a collective with
+    the group's timeout), then destroy together. After an error another rank may wait in a
+    collective this one never joins: abort the NCCL communicators and let torchrun stop the rest."""
+    try:
+        yield
+    except BaseException:
+        if dist.is_initialized() and dist.get_backend() == "nccl":
+            dist.distributed_c10d._abort_process_group()
+        raise
+    if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-    elif dist.get_backend() == "nccl":
-        dist.distributed_c10d._abort_process_group()
 
 
 FAIL_AT = "SOCIAL_TOKENS_FAIL_AT"

@@ -179,11 +179,10 @@ def clip_gradients(params: list[torch.Tensor], clip: float) -> None:
 
 
 def schedules(args, total: int, steps_per_epoch: int, device) -> dict:
-    """DINO's, one value per step: LR (peak --lr x global batch --batch-size / 256, DINO's linear
-    scaling rule: the same on any number of GPUs) and weight decay, momentum
-    cosine to 1, teacher temperature (on the device: no copy to read), last layer frozen or not.
-    A run shorter than DINO's 100 epochs scales the warm-ups and the freeze to its length, and
-    starts the momentum low enough that the teacher leaves its start (EMA_HORIZON)."""
+    """DINO's, one value per step: LR (peak --lr x global batch / 256) and weight decay, momentum
+    to 1, teacher temperature (on the device), last layer frozen. A run shorter than DINO's 100
+    epochs scales warm-ups and freeze to its length and starts the momentum low enough that the
+    teacher leaves its start (EMA_HORIZON)."""
 
     def in_steps(epochs: float) -> int:  # a run shorter than DINO's keeps the fraction
         return min(total, round(epochs * steps_per_epoch), round(epochs / PAPER_EPOCHS * total))
@@ -284,10 +283,9 @@ def step_flops(V: nn.Module, head: DINOHead, args: argparse.Namespace) -> float:
 
 
 class FrameBatches:
-    """The frames of each step: the manifest's frames in `splits`, permuted in epoch e by (seed, e),
-    cut into global batches of `batch` frames, rank r of `world` taking rows [r*B, (r+1)*B), B =
-    batch / world. A function of the step: a resumed run sees the same data, and N ranks see
-    what one sees."""
+    """The frames of each step: the frames of `splits` permuted in epoch e by (seed, e), cut into
+    global batches of `batch`, rank r of `world` taking rows [r*B, (r+1)*B), B = batch / world. A
+    function of the step: a resumed run sees the same data, N ranks what one sees."""
 
     def __init__(self, data_dir, splits: list[str], batch, rank, world, seed: int) -> None:
         rows = common.read_manifest(data_dir)
@@ -400,17 +398,16 @@ def train_dino(args: argparse.Namespace) -> dict:
 
     # ============ optionally resume training ... ============
     state, start = common.resume_checkpoint(ckpt_path, args, IDENTITY), 0  # RNG: (seed, step)
-    if state is None and common.is_main():  # V before DINO: the control of evaluate's probe
-        common.export_encoder(teacher.backbone, out, {**export_config(args), "steps": 0}, "start")
     if state is not None:
         student.load_state_dict(state["student"])
         teacher.load_state_dict(state["teacher"])
         opt.load_state_dict(state["optimizer"])
         center, start = state["center"].to(device), state["step"]
         common.trim_metrics(out, start)
-    common.print0(f"train_dino: {len(batches.ids)} frames, global batch {args.batch_size} = "
-                  f"{world} process(es) x {batches.batch}, {spe} steps/epoch, steps "
-                  f"{start}->{total}")  # fmt: skip
+    elif common.is_main():  # V before DINO: the control of evaluate's probe
+        common.export_encoder(teacher.backbone, out, {**export_config(args), "steps": 0}, "start")
+    common.print0(f"train_dino: {len(batches.ids)} frames, global batch {args.batch_size} = {world} "
+                  f"x {batches.batch}, {spe} steps/epoch, steps {start}->{total}")  # fmt: skip
 
     # ============ training ... ============
     flops = step_flops(student.backbone, student.head, args)  # per frame
@@ -438,12 +435,12 @@ def train_dino(args: argparse.Namespace) -> dict:
             ips = batches.batch * n_log / (time.perf_counter() - t_log)  # this rank's
             record = {"step": done, "epoch": done / spe, "loss": mean_loss}
             record.update({k: float(v[step]) for k, v in sched.items() if k != "freeze_last_layer"})
-            mfu = ips * flops / (peak * 1e12)
-            record.update(images_per_s_per_device=ips, images_per_s=ips * world, mfu=mfu,
+            record.update(images_per_s_per_device=ips, images_per_s=ips * world,
+                          mfu=ips * flops / (peak * 1e12),
                           peak_mem_gb=common.peak_memory_gb(device),
                           **teacher_stats(t_out, center, sched["teacher_temp"][step]))  # fmt: skip
             common.log_metrics(out, record)
-            bar.set_postfix(loss=f"{mean_loss:.4f}", ips=f"{ips:.1f}", mfu=f"{mfu:.1%}")
+            bar.set_postfix(loss=f"{mean_loss:.4f}", ips=f"{ips:.1f}", mfu=f"{record['mfu']:.1%}")
             loss_sum.zero_()
             t_log, n_log = time.perf_counter(), 0
         if save:
@@ -458,9 +455,8 @@ def train_dino(args: argparse.Namespace) -> dict:
 
     # ============ export the teacher's V ... ============
     ln_k = math.log(args.out_dim)  # the loss of uniform targets: DINO's trivial fixed point
-    uniform = bool(record) and record["loss"] > 0.99 * ln_k
-    if uniform:
-        loss, mi = record["loss"], record["teacher_mi"]
+    loss, mi = record.get("loss", 0.0), record.get("teacher_mi")
+    if uniform := loss > 0.99 * ln_k:
         common.print0(f"train_dino: WARNING: DINO is at its uniform fixed point (loss {loss:.3f}, "
                       f"ln K {ln_k:.3f}, teacher MI {mi:.3f}): every frame gets the same target, V "
                       "learned nothing. Try --bn-head, lower --jitter-p --grey-p --blur-p "
@@ -650,12 +646,8 @@ def multi_crop(frames: torch.Tensor, args, gen: torch.Generator, render=render_v
 
 
 def main(argv: list[str] | None = None) -> None:
-    try:
+    with common.distributed_exit():
         train_dino(parse_args(argv))
-    except BaseException:
-        common.cleanup_distributed(failed=True)
-        raise
-    common.cleanup_distributed()
 
 
 if __name__ == "__main__":

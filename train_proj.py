@@ -366,13 +366,8 @@ def bucket_batches(lengths, batch_size: int, seed: int, epoch: int) -> list[np.n
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = get_args_parser().parse_args(argv)
-    try:
-        train_proj(args)
-    except BaseException:
-        common.cleanup_distributed(failed=True)
-        raise
-    common.cleanup_distributed()
+    with common.distributed_exit():
+        train_proj(get_args_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

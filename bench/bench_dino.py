@@ -373,8 +373,8 @@ def main() -> None:
             with open(b.json, "a") as f:
                 for r in rows:
                     f.write(json.dumps(r) + "\n")
-    common.cleanup_distributed()
 
 
 if __name__ == "__main__":
-    main()
+    with common.distributed_exit():
+        main()

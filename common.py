@@ -9,6 +9,7 @@ import contextlib
 import csv
 import functools
 import hashlib
+import inspect
 import json
 import os
 import re
@@ -425,6 +426,153 @@ class FrozenHeadCrossEntropy(torch.autograd.Function):
         return grad * grad_nll[:, None].to(grad.dtype), None, None, None, None, None, None
 
 
+# ============ decoding with L (paper: "At test time, we repeat noun/verb extraction, frame
+# selection, projection, and token insertion, and then decode with L") ============
+
+
+def clip_social(g, feats: torch.Tensor, clip_index: dict, clip_id: str):
+    """(g(v_j) [n, D], t_sec [n]) of a clip's frames in time order, what decode_social reads (a
+    donor clip's for `shuffled`: its frames at the same times)."""
+    rows, times = clip_index[clip_id]
+    return g(feats[torch.from_numpy(rows).to(feats.device)]), times
+
+
+def span_frames(t_sec: np.ndarray, start: float, end: float) -> np.ndarray:
+    """The frames nearest to some time in [start, end] (those inside, and the nearest past each
+    end): never empty; the frames an utterance's words can take in training."""
+    return np.arange(nearest_frame(t_sec, start), nearest_frame(t_sec, end) + 1)
+
+
+def word_time(span: tuple[int, int], n_chars: int, utt: dict) -> float:
+    """t_sec of the word at char `span`: word_times' "spread" of [start, end] over `n_chars`
+    characters (while decoding, an estimate of the utterance's length), clamped to `end`."""
+    t = word_times([span], max(n_chars, 1), start=utt["start"], end=utt["end"])[0][0]
+    return min(t, utt["end"])
+
+
+def social_items(tokenizer, utts, words, social, n_chars, soc_g=None):
+    """(items, soc_l [sum w, D] | None, frames [B][w]): utterances as training reads them, their
+    nouns and verbs (`words`: PosTagger.tag's; none where social[b] is None) at `word_time`, with
+    g(v_j) of the nearest frame. soc_g[b] goes in as the [SOC-L] of BOS (t_p 0), which
+    insert_social_tokens puts right after BOS: [SOC-G]'s place."""
+    items, soc_l, frames = [], [], []
+    for b, (u, w, s) in enumerate(zip(utts, words, social, strict=True)):
+        w = [x | {"t_sec": word_time((x["char_start"], x["char_end"]), n_chars[b], u)} for x in w]
+        it = tokenize_utterance(tokenizer, {**u, "words": w if s is not None else []})
+        frames.append([nearest_frame(s[1], t) for t in it.word_t])
+        if soc_g is not None and soc_g[b] is not None:
+            soc_l.append(soc_g[b])
+            it = TokenizedUtterance(it.input_ids, it.score_from, np.r_[0, it.t_p],
+                                    np.r_[0.0, it.word_t], it.clip_id)  # fmt: skip
+        items.append(it)
+        soc_l += [s[0][j] for j in frames[-1]]
+    return items, torch.stack(soc_l) if soc_l else None, frames
+
+
+def training_soc_g(tokenizer, embed, tagger, utts, social) -> list:
+    """[SOC-G] as in training (two-pass decoding): the mean of the [SOC-L] of the nouns and verbs
+    of whole utterances (a first pass's, times spread over its length), by insert_social_tokens;
+    None without noun, verb or social vectors."""
+    words, n_chars = tagger.tag([u["text"] for u in utts]), [len(u["text"]) for u in utts]
+    items, soc_l, _ = social_items(tokenizer, utts, words, social, n_chars)
+    batch = insert_social_tokens(items, soc_l, embed, "full" if soc_l is not None else "none")
+    x, at = batch.inputs_embeds, batch.roles == SOC_G
+    return [x[b][at[b]][0] if at[b].any() else None for b in range(len(utts))]
+
+
+def sample_token(logits: torch.Tensor, temperature: float, top_p: float, gen) -> torch.Tensor:
+    """Greedy at temperature 0; else nucleus sampling: the fewest most likely tokens whose
+    probability reaches top_p, renormalised."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs, idx = torch.softmax(logits.float() / temperature, -1).sort(-1, descending=True)
+    probs = probs * (probs.cumsum(-1) - probs < top_p)  # the most likely always stays
+    return idx.gather(-1, torch.multinomial(probs, 1, generator=gen)).squeeze(-1)
+
+
+@torch.no_grad()
+def decode_social(L, tokenizer, prompts, social=None, tagger=None, max_new_tokens=12,
+                  temperature=0.0, top_p=1.0, seed=0, soc_g=None, n_chars=40, stop=(),
+                  lookahead=True, use_cache=True) -> list[dict]:  # fmt: skip
+    """Continue the prompts with L, social tokens inserted as in training, batched (left
+    padding) through L's KV cache: the prefix is read once, then each step feeds each sequence
+    one embedding, its last token's (Gemma scales it) or a [SOC-L] (unscaled).
+
+    prompts[b]: {"clip_id", "text", "start", "end"}, [start, end] the utterance's time span;
+    social[b]: clip_social's (g(v_j), t_sec) of its clip (a donor clip's: `shuffled`), None: no
+    social token (`none`). [SOC-G], in training the mean of the utterance's [SOC-L] (unknown
+    before decoding): soc_g[b] (two-pass: training_soc_g), else the mean g(v_j) over
+    span_frames. [SOC-L]: the prompt's nouns and verbs by the training path
+    (tokenize_utterance, insert_social_tokens); then, when the next token starts a word (space,
+    punctuation, EOS), the text so far is tagged in context (`lookahead`: with that token, and
+    the prompt's last word waits for it; spaCy makes a text's last word a noun: "the green")
+    and a noun or verb gets g(v_j) of the frame nearest its `word_time` (n_chars: expected
+    length) after its last token; the token is sampled again after it. Greedy, or temperature
+    and top_p. A row ends at EOS, after max_new_tokens or with a `stop` string in its new text.
+    use_cache=False re-reads everything each step (tests). Returns per prompt {text: the new
+    text, ids: BOS, prompt, new tokens (EOS), soc_l: [(k, j)]: g(v_j) went in after ids[k]}."""
+    from transformers import DynamicCache
+
+    B, embed, tagger = len(prompts), L.get_input_embeddings(), tagger or PosTagger()
+    social, soc_g = social or [None] * B, list(soc_g or [None] * B)
+    n_chars = n_chars if isinstance(n_chars, list | tuple) else [n_chars] * B
+    for b, (s, p) in enumerate(zip(social, prompts, strict=True)):
+        if soc_g[b] is None and s is not None:
+            soc_g[b] = s[0][span_frames(s[1], p["start"], p["end"])].mean(0)
+    words = tagger.tag(text := [p["text"] for p in prompts])
+    checked = [w[-1]["char_start"] if lookahead and w and w[-1]["char_end"] == len(t) else len(t)
+               for w, t in zip(words, text, strict=True)]  # fmt: skip  # words decided up to here
+    words = [[x for x in w if x["char_end"] <= c] for w, c in zip(words, checked, strict=True)]
+    items, vecs, frames = social_items(tokenizer, prompts, words, social, n_chars, soc_g)
+    batch = insert_social_tokens(items, vecs, embed, "local" if vecs is not None else "none",
+                                 padding_side="left")  # fmt: skip
+    x, mask, pos = batch.inputs_embeds, batch.attention_mask, batch.position_ids
+    seq = x  # what use_cache=False re-reads
+    ids, new, done = [it.input_ids.tolist() for it in items], [[] for _ in range(B)], [False] * B
+    soc_l = [list(zip(it.t_p[len(it.t_p) - len(f) :].tolist(), f, strict=True))
+             for it, f in zip(items, frames, strict=True)]  # fmt: skip
+    eos = {tokenizer.eos_token_id, *np.atleast_1d(L.generation_config.eos_token_id or [])}
+    gen = torch.Generator().manual_seed(seed)
+    cache, dec = DynamicCache(config=L.config) if use_cache else None, tokenizer.decode
+    # transformers 5.24 renamed past_key_values to cache
+    name = "cache" if "cache" in inspect.signature(L.forward).parameters else "past_key_values"
+    while True:
+        logits = L(inputs_embeds=x, attention_mask=mask, position_ids=pos, use_cache=use_cache,
+                   logits_to_keep=1, **{name: cache}).logits[:, -1]  # fmt: skip
+        cand = sample_token(logits, temperature, top_p, gen).tolist()
+        piece = [dec(n + [c])[len(dec(n)) :] for n, c in zip(new, cand, strict=True)]
+        ask = [b for b in range(B) if social[b] is not None and not done[b]
+               and len(text[b]) > checked[b] and text[b][-1:].isalnum()
+               and (cand[b] in eos or not piece[b][:1].isalnum())]  # fmt: skip
+        ahead = [text[b] + (piece[b] if lookahead and cand[b] not in eos else "") for b in ask]
+        soc = [None] * B
+        for b, tags in zip(ask, tagger.tag(ahead), strict=True):
+            checked[b], end = len(text[b]), len(text[b])
+            w = next((w for w in tags if w["char_end"] == end and w["content"]), None)
+            if w is not None:  # a noun or verb ends here: its [SOC-L] before the next token
+                t = word_time((w["char_start"], end), n_chars[b], prompts[b])
+                soc[b] = nearest_frame(social[b][1], t)
+                soc_l[b].append((len(ids[b]) - 1, soc[b]))
+        for b in (b for b in range(B) if not done[b] and soc[b] is None):
+            ids[b].append(cand[b])
+            if cand[b] not in eos:
+                new[b].append(cand[b])
+                text[b] += piece[b]
+            done[b] = cand[b] in eos or len(new[b]) >= max_new_tokens
+            done[b] |= any(s in text[b][len(prompts[b]["text"]) :] for s in stop)
+        if all(done):
+            break
+        x = embed(torch.tensor(cand, device=mask.device)[:, None])
+        for b in (b for b in range(B) if soc[b] is not None):
+            x[b, 0] = social[b][0][soc[b]].to(x)
+        mask, pos = torch.cat([mask, mask.new_ones(B, 1)], 1), pos[:, -1:] + 1
+        if not use_cache:  # the whole sequence again
+            x = seq = torch.cat([seq, x], 1)
+            pos = (mask.cumsum(1) - 1).clamp(min=0)
+    rows = zip(new, ids, soc_l, strict=True)
+    return [{"text": dec(n), "ids": i, "soc_l": s} for n, i, s in rows]
+
+
 # ============ V: the visual encoder ============
 
 DEFAULT_ARCH = "vit_small_patch14_dinov2"
@@ -461,6 +609,22 @@ def normalize_frames(frames: torch.Tensor) -> torch.Tensor:
         for ms in (IMAGENET_MEAN, IMAGENET_STD)
     )
     return (x - mean) / std
+
+
+def letterbox(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Fit the whole frame (uint8 [h, w, 3]) into a black `height` x `width` canvas, keeping its
+    aspect ratio: no crop can cut a person out of a multi-person scene."""
+    import PIL.Image
+
+    h, w = image.shape[:2]
+    scale = min(height / h, width / w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    canvas = np.zeros((height, width, 3), dtype=np.uint8)
+    img = PIL.Image.fromarray(np.ascontiguousarray(image[..., :3]))
+    resized = img.resize((nw, nh), PIL.Image.BILINEAR)
+    top, left = (height - nh) // 2, (width - nw) // 2
+    canvas[top : top + nh, left : left + nw] = np.asarray(resized)
+    return canvas
 
 
 def export_encoder(V: torch.nn.Module, out_dir, config: dict, name: str = "encoder") -> Path:

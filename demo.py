@@ -64,6 +64,33 @@ DEMO_SLOTS = (80, 192, 304)  # x of the left, middle and right places
 SKIN, HAIR, TROUSERS, INK = (238, 200, 165), (75, 50, 30), (70, 70, 80), (20, 20, 20)
 
 
+PERSON = re.compile(rf"\b({'|'.join(DEMO_COLOURS)})\s+({'|'.join(DEMO_KINDS)})\b")
+VERB_FORMS = {
+    f.split()[0]: a for a, (does, doing, _) in DEMO_ACTIONS.items() for f in (does, doing)
+}
+VERB = re.compile(rf"\b({'|'.join(VERB_FORMS)})\b")
+
+
+def parse_demo_text(text: str) -> dict[str, str | None]:
+    """{actor, action, target} of the first sentence of `text` in the demo's vocabulary (as in
+    scenes.csv): action the DEMO_ACTIONS key of the first verb form ("waves", "shaking" ...),
+    actor the last "colour kind" named before it, target the first named after it (none for an
+    action without target); without an action, actor the first person named. None: not found."""
+    s = re.split(r"[.!?\n]", text.lower(), maxsplit=1)[0]
+    people = [(m.start(), " ".join(m.groups())) for m in PERSON.finditer(s)]
+    verb = VERB.search(s)
+    if verb is None:
+        return {"actor": people[0][1] if people else None, "action": None, "target": None}
+    action = VERB_FORMS[verb.group(1)]
+    before = [p for at, p in people if at < verb.start()]
+    after = [p for at, p in people if at > verb.start()] if DEMO_ACTIONS[action][2] else []
+    return {
+        "actor": before[-1] if before else None,
+        "action": action,
+        "target": next(iter(after), None),
+    }
+
+
 def demo_clip(i: int, seed: int) -> dict:
     """Who is in clip i and what happens: 3-5 events of 2.5-3 s, each an actor doing an action
     (to a target), with one utterance about it spoken inside the event."""

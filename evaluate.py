@@ -37,7 +37,8 @@ POOL_MODES = ("all", "exclude_soc", "only_soc", "locals_only", "eos")
 GROUP_NAMES = ("bos", "text", "soc_g", "soc_l")  # indexed by the roles BOS, TEXT, SOC_G, SOC_L
 PARTS = {"ppl": "--data", "attention": "--data, --projector", "rsa": "--index, --sim-rsm|triplets",
          "encoder_probe": "--data with scenes.csv, --projector or --encoder",
-         "logit_lens": "--data, --projector", "compare": "--data, --projector, --compare"}  # fmt: skip
+         "logit_lens": "--data, --projector", "compare": "--data, --projector, --compare",
+         "generate": "--data, --projector", "example": "--text, --frame, --projector"}  # fmt: skip
 SLOTS = ("actor", "action", "target")  # who does what to whom: scenes.csv's columns
 DTYPES = ("auto", "bfloat16", "float32")  # of L; auto: what g was trained against
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -72,6 +73,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--lens-examples", type=int, default=16, help="utterances in the logit lens")
     p.add_argument("--top-k", type=int, default=5, help="tokens per layer in the logit lens")
     p.add_argument("--compare", type=Path, help="another train_proj.py --out: cosine of [SOC-L]")
+    p.add_argument("--prompt-words", type=int, default=2, help="decoding: prompt = first N words")
+    p.add_argument("--max-new-tokens", type=int, default=12, help="decoding: tokens per prompt")
+    p.add_argument("--temperature", type=float, default=0.0, help="decoding: 0 is greedy")
+    p.add_argument("--top-p", type=float, default=1.0, help="decoding: nucleus of sampling")
+    p.add_argument("--two-pass", action="store_true", help="decoding: also [SOC-G] as trained")
+    p.add_argument("--text", help="one example: a sentence (its nouns and verbs get frames)")
+    p.add_argument("--frame", type=Path, nargs="+", help="one example: image(s), one per word")
     p.add_argument("--index", type=Path, help="RSA items CSV: item_id,clip_id,text")
     p.add_argument("--sim-rsm", type=Path, help="human similarity CSV: item_id, a column an id")
     p.add_argument("--triplets", type=Path, help="odd-one-out CSV: item_a,item_b,item_c,odd")
@@ -118,15 +126,15 @@ def perplexity(nll_sum, tokens) -> float:
     return float(math.exp(float(np.sum(nll_sum)) / float(np.sum(tokens))))
 
 
-def bootstrap_ppl(nll: np.ndarray, tokens: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
-    """Perplexity of resampled utterances, nll and tokens [C conditions, n] -> [C, n_boot]; column
-    b of every row resamples the same utterances, so differences of rows are paired."""
-    nll, tokens = np.atleast_2d(nll).astype(np.float64), np.atleast_2d(tokens).astype(np.float64)
-    n, rng, out = nll.shape[1], np.random.default_rng(seed), np.empty((nll.shape[0], n_boot))
+def bootstrap_ratio(num: np.ndarray, den: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
+    """sum num / sum den over resampled utterances, num and den [C conditions, n] -> [C, n_boot]
+    (exp of it: perplexity); column b of every row resamples the same utterances: paired."""
+    num, den = np.atleast_2d(num).astype(np.float64), np.atleast_2d(den).astype(np.float64)
+    n, rng, out = num.shape[1], np.random.default_rng(seed), np.empty((num.shape[0], n_boot))
     for start in range(0, n_boot, 256):  # chunks keep the [chunk, n] counts small
         b = min(256, n_boot - start)
         counts = np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(b)])
-        out[:, start : start + b] = np.exp((nll @ counts.T) / (tokens @ counts.T))
+        out[:, start : start + b] = (num @ counts.T) / (den @ counts.T)
     return out
 
 
@@ -140,7 +148,7 @@ def ppl_report(nll: dict, tokens: dict, n_boot: int, seed: int, layout: str = "f
     ppl, CI, paired difference to none; the controls and the visual gain against g's `layout`."""
     names = list(nll)
     stacked = np.stack([nll[c] for c in names]), np.stack([tokens[c] for c in names])
-    boot = bootstrap_ppl(*stacked, n_boot, seed)
+    boot = np.exp(bootstrap_ratio(*stacked, n_boot, seed))
     point = {c: perplexity(nll[c], tokens[c]) for c in names}
 
     def minus(a: str, b: str) -> dict:  # paired: the same resamples of utterances
@@ -507,7 +515,7 @@ def ci(interval, fmt: str = ".2f") -> str:
 
 
 def summary_markdown(ppl=None, attention=None, rsa=None, encoder_probe=None, logit_lens=None,
-                     compare=None) -> str:  # fmt: skip
+                     compare=None, generate=None, example=None) -> str:  # fmt: skip
     """A markdown digest of the parts' JSON (those given)."""
     md = ["# Evaluation summary"]
 
@@ -552,6 +560,25 @@ def summary_markdown(ppl=None, attention=None, rsa=None, encoder_probe=None, log
         table("V", *SLOTS)
         for k in (k for k in ("untrained", "fine_tuned", "chance") if k in encoder_probe):
             md.append(f"| {k} | " + " | ".join(f"{encoder_probe[k][s]:.3f}" for s in SLOTS) + " |")
+    if generate and "conditions" in generate:
+        n, k = generate["utterances"], generate["prompt_words"]
+        md.append(f"\n## Decoding: who does what to whom ({n} utterances, prompt: first {k} words)")
+        table("condition", *SLOTS, "all three")
+        rows = {c: (r["accuracy"], r["ci95"]) for c, r in generate["conditions"].items()}
+        if v := generate.get("visual"):
+            rows["visual: full − shuffled"] = ({h: x["accuracy"] for h, x in v.items()},
+                                               {h: x["ci95"] for h, x in v.items()})  # fmt: skip
+        for c, (acc, ci95) in rows.items():
+            md.append(f"| {c} | " + " | ".join(f"{acc[h]:.2f} {ci(ci95[h])}" for h in acc) + " |")
+        md.append("")
+        for r in generate["examples"]:
+            gens = "; ".join(f"{c}: *{r[c]['generation']}*" for c in generate["conditions"])
+            md.append(f"- reference *{r['reference']}* — {gens}")
+    if example:
+        md.append(f"\n## One example: {example['text']!r} ({example['frames']} frame(s))")
+        md.append(f"\n{' '.join(example['sequence'])}\n")
+        for c, more in example["continuation"].items():
+            md.append(f"- {c}: mean loss {np.mean(example['loss'][c]):.2f}; continues *{more}*")
     if logit_lens:
         names = [n for n in ("soc_g", "soc_l") if n in logit_lens["layers"][0]]
         md.append(f"\n## Logit lens: what L's head reads at social tokens (top 3 of {names})")
@@ -567,16 +594,125 @@ def summary_markdown(ppl=None, attention=None, rsa=None, encoder_probe=None, log
     return "\n".join(md) + "\n"
 
 
+# ============ decoding with social tokens: does L say who does what to whom? ============
+def prompt_of(utt: dict, n_words: int) -> dict:
+    """The utterance cut after its first n_words words, with its clip and time span."""
+    spans = common.split_words(utt["text"])
+    end = spans[min(n_words, len(spans)) - 1][1]
+    return {k: utt[k] for k in ("clip_id", "start", "end")} | {"text": utt["text"][:end]}
+
+
+def run_generate(L, tokenizer, prompts, social, tagger, batch_size, two_pass=False, **kw):
+    """common.decode_social over batches. two_pass: decode once, then again with [SOC-G] as in
+    training, the mean [SOC-L] of the first pass's nouns and verbs (common.training_soc_g)."""
+    out, embed = [], L.get_input_embeddings()
+    for s in range(0, len(prompts), batch_size):
+        p, so = prompts[s : s + batch_size], social[s : s + batch_size]
+        gen = common.decode_social(L, tokenizer, p, so, tagger, **kw)
+        if two_pass:
+            whole = [u | {"text": u["text"] + r["text"]} for u, r in zip(p, gen, strict=True)]
+            soc_g = common.training_soc_g(tokenizer, embed, tagger, whole, so)
+            n_chars = [len(u["text"]) for u in whole]
+            gen = common.decode_social(
+                L, tokenizer, p, so, tagger, soc_g=soc_g, n_chars=n_chars, **kw
+            )
+        out += gen
+    return out
+
+
+def score_generations(utts, prompts, gens: dict, scenes: dict) -> tuple[list, dict]:
+    """(generate.jsonl's records, hits[condition] [n, 4]): each generation parsed for actor,
+    action and target (demo.parse_demo_text) against the scene at the utterance's mid-time."""
+    from demo import parse_demo_text
+
+    records, hits = [], {c: [] for c in gens}
+    for i, (u, p) in enumerate(zip(utts, prompts, strict=True)):
+        scene = scene_at(scenes, u["clip_id"], (u["start"] + u["end"]) / 2)
+        rec = {"clip_id": u["clip_id"], "turn": u.get("turn"), "prompt": p["text"]}
+        rec.update(reference=u["text"], scene={k: scene[k] for k in SLOTS} if scene else None)
+        for c, out in gens.items():
+            text = p["text"] + out[i]["text"]
+            rec[c] = {"generation": text, "parsed": parse_demo_text(text)}
+            rec[c]["soc_l_frames"] = [int(j) for _, j in out[i]["soc_l"]]
+            if scene:
+                hit = [rec[c]["parsed"][k] == (scene[k] or None) for k in SLOTS]
+                hits[c].append([*hit, all(hit)])
+        records.append(rec)
+    return records, hits
+
+
+def accuracy_report(hits: dict, n_boot: int, seed: int) -> dict:
+    """generate.json's body from hits[c] [n, 4] (actor, action, target, all; the same utterances
+    for every condition c): accuracy and 95% CI per condition; visual = full - shuffled, paired."""
+    names, slots = list(hits), [*SLOTS, "all"]
+    x = np.concatenate([np.asarray(hits[c], np.float64).T for c in names])  # [C * 4, n]
+    boot = bootstrap_ratio(x, np.ones_like(x), n_boot, seed).reshape(len(names), 4, n_boot)
+    acc = {c: np.asarray(hits[c], np.float64).mean(0) for c in names}
+    out = {"conditions": {}, "utterances": len(hits[names[0]])}
+    for k, c in enumerate(names):
+        out["conditions"][c] = {"accuracy": dict(zip(slots, acc[c].tolist(), strict=True)),
+                                "ci95": dict(zip(slots, map(percentile_ci, boot[k]), strict=True))}  # fmt: skip
+    if "full" in names and "shuffled" in names:
+        f, s = names.index("full"), names.index("shuffled")
+        out["visual"] = {
+            h: {
+                "accuracy": float(acc["full"][i] - acc["shuffled"][i]),
+                "ci95": percentile_ci(boot[f, i] - boot[s, i]),
+            }  # fmt: skip
+            for i, h in enumerate(slots)
+        }
+    return out
+
+
+@torch.no_grad()
+def example_view(L, tokenizer, g, V, layout, text, images, device) -> tuple[dict, dict]:
+    """One sentence beside its frames (the authors' visualize_token_attention): its nouns and
+    verbs (spaCy) take images[i] in turn (the last one when they run out); the sequence with
+    its social tokens, each token's loss without and with them, the attention heatmaps and L's
+    greedy continuation under both. Returns (example.json's body, attention heatmaps)."""
+    tagger, n = common.PosTagger(), len(images)
+    words, k = tagger.tag([text])[0], 0
+    for w in words:  # the i-th content word sits at time i: frame i
+        w["t_sec"], k = float(min(k, n - 1)), k + w["content"]
+    utt = {"clip_id": "example", "text": text, "words": words, "start": 0.0, "end": n - 1.0}
+    item, embed = common.tokenize_utterance(tokenizer, utt), L.get_input_embeddings()
+    feats = common.encode_frames(V, np.stack(images), device=device).to(device)
+    clip_index = {"example": (np.arange(n), np.arange(n, dtype=np.float64))}
+    social = partial(social_vectors, g, feats, clip_index, layout, None)
+    tokens = tokenizer.convert_ids_to_tokens(item.input_ids[item.score_from :].tolist())
+    loss, more = {"token": tokens}, {}
+    for c in ("none", layout):
+        inject, soc_l = social([item], c)
+        batch = common.insert_social_tokens([item], soc_l, embed, inject)
+        loss[c] = common.token_nll(L, batch).tolist()
+        clip = [None if c == "none" else common.clip_social(g, feats, clip_index, "example")]
+        more[c] = common.decode_social(L, tokenizer, [utt], clip, tagger)[0]["text"]
+    att, heat = run_attention(L, tokenizer, [item], social, layout, 1, 5, device)
+    out = {"text": text, "layout": layout, "sequence": att["example"]["tokens"], "frames": n}
+    out["content_words"] = [w["text"] for w in words if w["content"]]
+    return {**out, "loss": loss, "continuation": more, "top_heads": att["top_heads"]}, heat
+
+
 # ============ the encoder probe (demo): does V's [CLS] tell who does what to whom? ============
-def scene_labels(path: Path, rows: list[dict]) -> list[dict | None]:
-    """The scene (scenes.csv: actor, action, target) each manifest row's frame shows, or None."""
+def read_scenes(path: Path) -> dict[str, list[dict]]:
+    """The demo's scenes.csv: each clip's events (start, end, actor, action, target)."""
     scenes: dict[str, list[dict]] = {}
     for _, s in common.read_csv(path, ("clip_id", "start", "end", *SLOTS)):
         scenes.setdefault(s["clip_id"], []).append(s)
-    inside = lambda s, t: float(s["start"]) <= t < float(s["end"])  # noqa: E731
-    return [
-        next((s for s in scenes.get(r["clip_id"], []) if inside(s, r["t_sec"])), None) for r in rows
-    ]
+    return scenes
+
+
+def scene_at(scenes: dict, clip_id: str, t: float) -> dict | None:
+    """The clip's event at time t (start <= t < end), or None."""
+    return next(
+        (s for s in scenes.get(clip_id, []) if float(s["start"]) <= t < float(s["end"])), None
+    )
+
+
+def scene_labels(path: Path, rows: list[dict]) -> list[dict | None]:
+    """The scene (scenes.csv: actor, action, target) each manifest row's frame shows, or None."""
+    scenes = read_scenes(path)
+    return [scene_at(scenes, r["clip_id"], r["t_sec"]) for r in rows]
 
 
 def linear_probe(z_train: torch.Tensor, y_train: np.ndarray, z_test: torch.Tensor) -> np.ndarray:
@@ -746,6 +882,8 @@ def main(argv: list[str] | None = None) -> None:
     given["encoder_probe"] = args.data and (args.data / "scenes.csv").exists()
     given["encoder_probe"] = given["encoder_probe"] and (args.projector or args.encoder)
     given.update(logit_lens=given["attention"], compare=given["attention"] and args.compare)
+    given["generate"] = given["attention"]
+    given["example"] = args.text and args.frame and args.projector
     parts = args.what or [p for p in PARTS if given[p]]
     if unknown := [p for p in parts if p not in PARTS]:
         raise SystemExit(f"--what: unknown part {unknown[0]!r}; expected {', '.join(PARTS)}")
@@ -781,13 +919,13 @@ def main(argv: list[str] | None = None) -> None:
     # ============ held-out utterances, shuffled donors, RSA items ============
     clip_index = common.clip_frame_index(common.read_manifest(args.data)) if args.data else {}
     items, skipped, donors, index, r_items = [], [], None, [], []
-    if {"ppl", "attention", "logit_lens"} & set(parts):
+    if {"ppl", "attention", "logit_lens", "generate"} & set(parts):
         utts = common.read_utterances(args.data, args.split)
         task, turns = cfg.get("task", "utterance"), cfg.get("context_turns", 3)
         items, skipped = common.tokenize_split(utts, tokenizer, clip_index, task, turns, max_len)
         if not items:
             raise SystemExit(f"{args.data}: no usable utterance in split {args.split!r}")
-    if "ppl" in parts and "shuffled" in conditions:
+    if ("ppl" in parts or "generate" in parts) and "shuffled" in conditions:
         clips = sorted({it.clip_id for it in items if len(it.t_p)})
         try:
             perm = derangement(len(clips), args.seed)
@@ -848,6 +986,52 @@ def main(argv: list[str] | None = None) -> None:
         pair = compare_projectors(g, feats, g_b, feats_b.to(device), torch.tensor(rows))
         common.write_json(out / "compare.json", {"a": str(args.projector), "b": str(args.compare),
                                                  "split": args.split, **pair})  # fmt: skip
+
+    if "generate" in parts:  # ============ decoding with social tokens ============
+        utts = common.read_utterances(args.data, args.split)
+        usable = donors if donors is not None else clip_index  # `shuffled` needs a donor clip
+        utts = [u for u in utts if u["clip_id"] in usable]
+        prompts, tagger = [prompt_of(u, args.prompt_words) for u in utts], common.PosTagger()
+        kw = dict(
+            max_new_tokens=args.max_new_tokens, temperature=args.temperature, stop=(".", "\n")
+        )
+        gens, t0 = {}, time.perf_counter()
+        for c in (c for c in ("none", "full", "shuffled") if c in conditions):
+            clips = [donors[u["clip_id"]] if c == "shuffled" else u["clip_id"] for u in utts]
+            social = [
+                None if c == "none" else common.clip_social(g, feats, clip_index, k) for k in clips
+            ]
+            for two in (False, True) if args.two_pass and c != "none" else (False,):
+                gens[c + "/two-pass" * two] = run_generate(
+                    L, tokenizer, prompts, social, tagger, args.batch_size, two, top_p=args.top_p,
+                    seed=args.seed, **kw)  # fmt: skip
+        seconds, texts = time.perf_counter() - t0, [r["text"] for o in gens.values() for r in o]
+        new = sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
+        scenes_csv = args.data / "scenes.csv"
+        scenes = read_scenes(scenes_csv) if scenes_csv.exists() else {}
+        records, hits = score_generations(utts, prompts, gens, scenes)
+        lines = "".join(json.dumps(r) + "\n" for r in records)
+        common.atomic_write(out / "generate.jsonl", lambda tmp: Path(tmp).write_text(lines))
+        report = accuracy_report(hits, args.bootstrap, args.seed) if any(hits.values()) else {}
+        report.update(split=args.split, prompt_words=args.prompt_words, seconds=seconds,
+                      tokens_per_s=new / seconds)  # fmt: skip
+        common.write_json(out / "generate.json", {**report, "examples": records[:6], **source})
+
+    if "example" in parts:  # ============ one sentence beside its frames ============
+        from PIL import Image
+
+        V, _ = common.load_encoder(args.encoder or cfg["encoder"], device)
+        if (size := cfg.get("frame_size")) is None:  # an older projector.json: a guess
+            size = [V.patch_embed.img_size[0]] * 2
+            print(f"evaluate: {args.projector} names no frame_size; frames letterboxed to {size}")
+        images = []
+        for path in args.frame:
+            with Image.open(path) as im:
+                images.append(common.letterbox(np.asarray(im.convert("RGB")), *size))
+        view, heat = example_view(L, tokenizer, g, V, layout, args.text, images, device)
+        common.write_json(out / "example.json", view)
+        plot_attention_heatmaps(heat, view["sequence"], out / "example_attention.png", args.text)
+        print(json.dumps({k: view[k] for k in ("sequence", "continuation")}, indent=1))
 
     if "rsa" in parts:  # ============ RSA against human similarity ============
         ids, targets = [it["item_id"] for it in index], []

@@ -50,6 +50,7 @@ from common import (
     MANIFEST_COLUMNS,
     PosTagger,
     atomic_write,
+    letterbox,
     read_csv,
     split_words,
     word_times,
@@ -369,19 +370,6 @@ def sample(frames, fps: float):
         if t * fps >= k:
             k = math.floor(t * fps) + 1  # every target up to t is served by this frame
             yield t, x
-
-
-def letterbox(image: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Fit the whole frame (uint8 [h, w, 3]) into a black `height` x `width` canvas, keeping its
-    aspect ratio: no crop can cut a person out of a multi-person scene."""
-    h, w = image.shape[:2]
-    scale = min(height / h, width / w)
-    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-    canvas = np.zeros((height, width, 3), dtype=np.uint8)
-    resized = Image.fromarray(np.ascontiguousarray(image[..., :3])).resize((nw, nh), Image.BILINEAR)
-    top, left = (height - nh) // 2, (width - nw) // 2
-    canvas[top : top + nh, left : left + nw] = np.asarray(resized)
-    return canvas
 
 
 def decode_video(path: str, args) -> tuple[list[float], list[np.ndarray], float]:

@@ -341,6 +341,7 @@ def train_proj(args: argparse.Namespace):
             "lm_dtype": str(L.dtype).removeprefix("torch."), "encoder": encoder,
             "encoder_trained": args.train_encoder, "inject": args.inject, "task": args.task,
             "context_turns": args.context_turns, "max_len": args.max_len,
+            "frame_size": list(frames.shape[1:3]),  # the canvas V saw: evaluate --frame's
             **{k: record[k] for k in ("step", "val_loss", "val_ppl") if k in record},
         }  # fmt: skip
         common.save_safetensors(args.out / "projector.safetensors", g.state_dict(), config)

@@ -654,6 +654,10 @@ def test_end_to_end_on_the_demo(trained, tmp_path):
     lens = json.loads((ev_dir / "logit_lens.json").read_text())
     assert len(lens["layers"]) == 3 and lens["positions"]["soc_l"] > lens["positions"]["soc_g"]
     assert all(len(r["soc_g"]) == 5 for r in lens["layers"])
+    gen = json.loads((ev_dir / "generate.json").read_text())
+    assert list(gen["conditions"]) == ["none", "full", "shuffled"] and "visual" in gen
+    lines = (ev_dir / "generate.jsonl").read_text().splitlines()
+    assert len(lines) == gen["utterances"] and "generation" in json.loads(lines[0])["full"]
     pair = json.loads((ev_dir / "compare.json").read_text())
     assert pair["cosine"]["p05"] == pytest.approx(1.0, abs=1e-5) and pair["frames"] > 0
 
@@ -684,9 +688,30 @@ def test_end_to_end_on_the_demo(trained, tmp_path):
     assert len(rsa["results"][0]["per_layer_rho_all_items"]) == 3  # embeddings + 2 blocks
     summary = (ev_dir / "summary.md").read_text()
     assert "Visual gain" in summary and "| shuffled |" in summary and "RSA" in summary
-    assert "Logit lens" in summary and "Two projectors" in summary
+    assert "Logit lens" in summary and "Two projectors" in summary and "Decoding" in summary
     for png in ("ppl.png", "attention_example.png", "attention_layers.png", "rsa_layers.png"):
         assert (ev_dir / png).stat().st_size > 1000
+
+
+def test_one_example_beside_a_jpeg(trained, tmp_path):
+    """--text with --frame: the sequence with its social tokens, per-token losses with and
+    without them, the heatmap, and a continuation under both, from a JPEG on disk."""
+    from PIL import Image
+
+    data, proj, _ = trained
+    jpeg = tmp_path / "frame.jpg"
+    Image.fromarray(np.asarray(common.open_frames(data)[3])).save(jpeg)
+    text = "The red woman waves at the blue man."
+    ev.main(["--projector", str(proj), "--out", str(tmp_path), "--text", text, "--frame", str(jpeg),
+             "--device", "cpu"])  # fmt: skip
+    view = json.loads((tmp_path / "eval" / "example.json").read_text())
+    seq = view["sequence"]
+    assert seq[:2] == ["<bos>", "[SOC-G]"] and seq.count("[SOC-L]") == len(view["content_words"])
+    assert seq[seq.index("waves") + 1] == "[SOC-L]"  # right after the verb
+    assert len(view["loss"]["none"]) == len(view["loss"]["full"]) == len(view["loss"]["token"])
+    assert view["loss"]["none"] != view["loss"]["full"] and set(view["continuation"]) == {
+        "none", "full"}  # fmt: skip
+    assert (tmp_path / "eval" / "example_attention.png").stat().st_size > 1000
 
 
 def test_full_condition_reproduces_train_proj_validation(trained, tmp_path):

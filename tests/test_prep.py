@@ -116,7 +116,7 @@ def test_pos_tagging_is_in_context_and_maps_to_words():
 def test_letterbox_keeps_the_whole_frame():
     img = np.full((100, 300, 3), 255, dtype=np.uint8)
     img[:, :10] = [255, 0, 0]  # a person at the very edge must survive
-    out = prep.letterbox(img, 224, 392)
+    out = common.letterbox(img, 224, 392)
     assert out.shape == (224, 392, 3) and out.dtype == np.uint8
     rows = np.flatnonzero(out[:, 200].sum(-1) > 0)
     assert (rows[0], rows[-1] + 1) == ((224 - 131) // 2, (224 - 131) // 2 + 131)

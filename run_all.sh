@@ -72,7 +72,7 @@ stage train_proj "$OUT/proj/projector.safetensors" "${LAUNCH[@]}" train_proj.py 
   --data "$DATA" --out "$OUT/proj" --encoder "$OUT/dino" --lm "$LM" --inject full \
   --steps "$PROJ_STEPS" "${PROJ_ARGS[@]}"
 stage evaluate "$OUT/eval/summary.md" "$PYTHON" evaluate.py \
-  --data "$DATA" --out "$OUT" --projector "$OUT/proj" --split test
+  --data "$DATA" --out "$OUT" --projector "$OUT/proj" --split test --two-pass
 
 echo
 echo "=== stage times (s): ${TIMES[*]:-none}; total $(($(date +%s) - T0)) s"

@@ -998,12 +998,12 @@ def main(argv: list[str] | None = None) -> None:
         gens, t0 = {}, time.perf_counter()
         for c in (c for c in ("none", "full", "shuffled") if c in conditions):
             clips = [donors[u["clip_id"]] if c == "shuffled" else u["clip_id"] for u in utts]
-            social = [
+            frames_g = [  # per prompt: (g(v_j), t_sec) of its clip's frames, or none
                 None if c == "none" else common.clip_social(g, feats, clip_index, k) for k in clips
             ]
             for two in (False, True) if args.two_pass and c != "none" else (False,):
                 gens[c + "/two-pass" * two] = run_generate(
-                    L, tokenizer, prompts, social, tagger, args.batch_size, two, top_p=args.top_p,
+                    L, tokenizer, prompts, frames_g, tagger, args.batch_size, two, top_p=args.top_p,
                     seed=args.seed, **kw)  # fmt: skip
         seconds, texts = time.perf_counter() - t0, [r["text"] for o in gens.values() for r in o]
         new = sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])

@@ -755,7 +755,7 @@ def test_two_process_torchrun_gloo(tiny_data, tmp_path):
     lines = metrics(out)
     assert [r["step"] for r in lines] == [1, 2, 3]
     assert lines[0]["lr"] == pytest.approx(0.05 * 8 / 256)
-    assert "global batch 8 = 2 process(es) x 4" in done.stdout
+    assert "global batch 8 = 2 x 4" in done.stdout
     assert lines[0]["images_per_s"] == pytest.approx(2 * lines[0]["images_per_s_per_device"])
 
 

@@ -149,7 +149,9 @@ def test_bootstrap_interval_covers_true_perplexity():
     covered = 0
     for run in range(100):
         nll, tok = simulate(rng, 150, mu)
-        lo, hi = ev.percentile_ci(ev.bootstrap_ppl(nll[None], tok[None], 300, seed=run)[0])
+        lo, hi = ev.percentile_ci(
+            np.exp(ev.bootstrap_ratio(nll[None], tok[None], 300, seed=run))[0]
+        )
         covered += lo <= math.exp(mu) <= hi
     assert covered >= 90
 

@@ -165,11 +165,11 @@ def main(argv: list[str] | None = None) -> None:
     rows, plain_ms = [], {}
     for path in args.paths.split(","):
         if path == "ours+compile":  # in place, so after the eager paths
-            train_proj.compile_lm(L)
+            common.compile_lm(L)
         if path == "ours+compile+flex":
             del L
             L = build_lm(args.tiny, device, "flex_attention")
-            train_proj.compile_lm(L)
+            common.compile_lm(L)
         for length in lengths:
             items, feats, flops = data[length]
             torch.manual_seed(0)

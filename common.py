@@ -355,7 +355,8 @@ def compile_lm(L) -> None:
 
 
 def lm_forward(L, batch: SocialBatch, **flags):
-    """L's decoder on an inserted batch (flags: output_attentions, output_hidden_states)."""
+    """L's decoder on an inserted batch (flags: output_attentions, output_hidden_states, or what
+    L's attention function reads)."""
     return L.get_decoder()(
         inputs_embeds=batch.inputs_embeds,
         attention_mask=batch.attention_mask,
@@ -365,11 +366,11 @@ def lm_forward(L, batch: SocialBatch, **flags):
     )
 
 
-def token_nll(L, batch: SocialBatch, compiled: bool = False) -> torch.Tensor:
+def token_nll(L, batch: SocialBatch, compiled: bool = False, **flags) -> torch.Tensor:
     """-log P_L(t_i | earlier tokens) of every scored token, float32 [n] (paper §"Training
     objective": social tokens are not scored). Only the positions that predict a scored token
     meet L's 256k-wide head, so [B, T, vocab] logits never exist. compiled: fuse (GPU)."""
-    h = lm_forward(L, batch).last_hidden_state.flatten(0, 1).index_select(0, batch.loss_pos)
+    h = lm_forward(L, batch, **flags).last_hidden_state.flatten(0, 1)[batch.loss_pos]
     head = L.get_output_embeddings()
     softcap = getattr(L.config, "final_logit_softcapping", None)
     chunk = max(1, 2**28 // head.weight.shape[0])  # rows per pass: at most 2^28 logits
@@ -493,7 +494,7 @@ def sample_token(logits: torch.Tensor, temperature: float, top_p: float, gen) ->
 @torch.no_grad()
 def decode_social(L, tokenizer, prompts, social=None, tagger=None, max_new_tokens=12,
                   temperature=0.0, top_p=1.0, seed=0, soc_g=None, n_chars=40, stop=(),
-                  lookahead=True, use_cache=True) -> list[dict]:  # fmt: skip
+                  lookahead=True, use_cache=True, bias=None) -> list[dict]:  # fmt: skip
     """Continue the prompts with L, social tokens inserted as in training, batched (left
     padding) through L's KV cache: the prefix is read once, then each step feeds each sequence
     one embedding, its last token's (Gemma scales it) or a [SOC-L] (unscaled).
@@ -509,7 +510,9 @@ def decode_social(L, tokenizer, prompts, social=None, tagger=None, max_new_token
     and a noun or verb gets g(v_j) of the frame nearest its `word_time` (n_chars: expected
     length) after its last token; the token is sampled again after it. Greedy, or temperature
     and top_p. A row ends at EOS, after max_new_tokens or with a `stop` string in its new text.
-    use_cache=False re-reads everything each step (tests). Returns per prompt {text: the new
+    use_cache=False re-reads everything each step (tests). bias(prefill batch) -> kwargs of L's
+    attention function (evaluate's social-aware bias), with the sequence's `social_roles`,
+    which grow here. Returns per prompt {text: the new
     text, ids: BOS, prompt, new tokens (EOS), soc_l: [(k, j)]: g(v_j) went in after ids[k]}."""
     from transformers import DynamicCache
 
@@ -526,8 +529,10 @@ def decode_social(L, tokenizer, prompts, social=None, tagger=None, max_new_token
     items, vecs, frames = social_items(tokenizer, prompts, words, social, n_chars, soc_g)
     batch = insert_social_tokens(items, vecs, embed, "local" if vecs is not None else "none",
                                  padding_side="left")  # fmt: skip
+    after_bos = torch.roll(batch.roles == BOS, 1, dims=1) & (batch.roles == SOC_L)
+    batch.roles[after_bos] = SOC_G  # soc_g went in as BOS's [SOC-L]: its role is [SOC-G]
     x, mask, pos = batch.inputs_embeds, batch.attention_mask, batch.position_ids
-    seq = x  # what use_cache=False re-reads
+    seq, extra = x, bias(batch) if bias else {}  # seq: what use_cache=False re-reads
     ids, new, done = [it.input_ids.tolist() for it in items], [[] for _ in range(B)], [False] * B
     soc_l = [list(zip(it.t_p[len(it.t_p) - len(f) :].tolist(), f, strict=True))
              for it, f in zip(items, frames, strict=True)]  # fmt: skip
@@ -538,7 +543,7 @@ def decode_social(L, tokenizer, prompts, social=None, tagger=None, max_new_token
     name = "cache" if "cache" in inspect.signature(L.forward).parameters else "past_key_values"
     while True:
         logits = L(inputs_embeds=x, attention_mask=mask, position_ids=pos, use_cache=use_cache,
-                   logits_to_keep=1, **{name: cache}).logits[:, -1]  # fmt: skip
+                   logits_to_keep=1, **extra, **{name: cache}).logits[:, -1]  # fmt: skip
         cand = sample_token(logits, temperature, top_p, gen).tolist()
         piece = [dec(n + [c])[len(dec(n)) :] for n, c in zip(new, cand, strict=True)]
         ask = [b for b in range(B) if social[b] is not None and not done[b]
@@ -566,6 +571,9 @@ def decode_social(L, tokenizer, prompts, social=None, tagger=None, max_new_token
         for b in (b for b in range(B) if soc[b] is not None):
             x[b, 0] = social[b][0][soc[b]].to(x)
         mask, pos = torch.cat([mask, mask.new_ones(B, 1)], 1), pos[:, -1:] + 1
+        if extra:  # the fed position's role: [SOC-L] or text
+            role = [[TEXT if s is None else SOC_L] for s in soc]
+            extra["social_roles"] = torch.cat([extra["social_roles"], mask.new_tensor(role)], 1)
         if not use_cache:  # the whole sequence again
             x = seq = torch.cat([seq, x], 1)
             pos = (mask.cumsum(1) - 1).clamp(min=0)

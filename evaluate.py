@@ -11,8 +11,12 @@
     rho of pooled hidden states' correlations, permutation p, bootstrap CI, the layer prespecified
     (--layer) or chosen on half of the items and reported on the other half.
   * The encoder probe: a linear probe of V's [CLS] for who does what to whom, before and after DINO.
+  * Decoding with social tokens (who does what to whom, parsed on the demo); the logit lens; one
+    example beside its frames; two projectors compared.
+  * A training-free social-aware attention bias (seed 002): heads selected per input, log(1 + α·s)
+    on text-to-[SOC-*] logits, with and without.
 
-Writes OUT/eval/{ppl,attention,rsa,encoder_probe}.json, summary.md and PNG plots:
+Writes OUT/eval/{ppl,attention,rsa,encoder_probe,generate,bias,...}.json, summary.md and plots:
   python evaluate.py --data data/demo --projector out/proj --out out
 """
 
@@ -38,7 +42,8 @@ GROUP_NAMES = ("bos", "text", "soc_g", "soc_l")  # indexed by the roles BOS, TEX
 PARTS = {"ppl": "--data", "attention": "--data, --projector", "rsa": "--index, --sim-rsm|triplets",
          "encoder_probe": "--data with scenes.csv, --projector or --encoder",
          "logit_lens": "--data, --projector", "compare": "--data, --projector, --compare",
-         "generate": "--data, --projector", "example": "--text, --frame, --projector"}  # fmt: skip
+         "generate": "--data, --projector", "example": "--text, --frame, --projector",
+         "bias": "--data, --projector"}  # fmt: skip
 SLOTS = ("actor", "action", "target")  # who does what to whom: scenes.csv's columns
 DTYPES = ("auto", "bfloat16", "float32")  # of L; auto: what g was trained against
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -46,6 +51,10 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 def comma_list(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def floats(text: str) -> list[float]:
+    return [float(x) for x in comma_list(text)]
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -78,6 +87,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="decoding: 0 is greedy")
     p.add_argument("--top-p", type=float, default=1.0, help="decoding: nucleus of sampling")
     p.add_argument("--two-pass", action="store_true", help="decoding: also [SOC-G] as trained")
+    p.add_argument("--bias-alpha", type=floats, default=[1.0, 4.0, 16.0], help="chosen on val")
+    p.add_argument("--bias-margin", type=float, default=0.0, help="bias: share over zero's")
+    p.add_argument("--bias-topk", type=int, default=0, help="bias: top-k heads a layer instead")
     p.add_argument("--text", help="one example: a sentence (its nouns and verbs get frames)")
     p.add_argument("--frame", type=Path, nargs="+", help="one example: image(s), one per word")
     p.add_argument("--index", type=Path, help="RSA items CSV: item_id,clip_id,text")
@@ -163,6 +175,8 @@ def ppl_report(nll: dict, tokens: dict, n_boot: int, seed: int, layout: str = "f
             conds[c]["minus_none"] = minus(c, "none")
         if c in ("zero", "shuffled") and layout in names:
             conds[c]["minus_layout"] = {**minus(c, layout), "against": layout}
+        if c.endswith("+bias") and (plain := c.removesuffix("+bias")) in names:
+            conds[c]["minus_unbiased"] = minus(c, plain)
     if "shuffled" in names and layout in names:  # the visual gain: shuffled - trained layout
         return {"conditions": conds, "visual_gain": conds["shuffled"]["minus_layout"]}
     return {"conditions": conds}
@@ -179,10 +193,11 @@ def length_batches(items, batch_size: int, steps: int = 0, seed: int = 0) -> lis
 
 
 @torch.no_grad()
-def run_ppl(L, items, batches, conditions, social, device, compiled=False):
+def run_ppl(L, items, batches, conditions, social, device, compiled=False, bias=None):
     """(nll, tokens, seconds): per condition, the summed NLL and scored tokens of the utterances
     in `batches`, in item order, from `common.token_nll` (train_proj's loss); social(items,
-    condition) -> (inject, soc_l). Sums stay on L's device: no host sync per batch."""
+    condition) -> (inject, soc_l); bias(batch) -> L's kwargs (bias_kwargs). Sums stay on L's
+    device: no host sync per batch."""
     from tqdm import tqdm
 
     sums = torch.zeros(2, len(conditions), len(items), dtype=torch.float64, device=device)
@@ -194,7 +209,8 @@ def run_ppl(L, items, batches, conditions, social, device, compiled=False):
             with common.autocast(device):
                 inject, soc_l = social(part, c)
                 batch = common.insert_social_tokens(part, soc_l, L.get_input_embeddings(), inject)
-                nll = common.token_nll(L, batch, compiled).double()  # [n_scored]
+                kw = bias(batch) if bias else {}
+                nll = common.token_nll(L, batch, compiled, **kw).double()  # [n_scored]
             item = where[batch.loss_row]  # the utterance of each scored token
             sums[0, k].index_add_(0, item, nll)
             sums[1, k].index_add_(0, item, torch.ones_like(nll))
@@ -497,6 +513,17 @@ def plot_ppl(ppl: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def plot_bias_attention(shares: dict, path: Path) -> None:
+    """Per-layer share of text-query attention on social keys (mean over heads and inputs):
+    g's vectors with and without the bias, and zero vectors (position alone)."""
+    fig, (ax,) = figure()
+    for name, s in shares.items():
+        ax.plot(s.mean(1), "o-", label=name)
+    ax.set(xticks=range(len(s)), xlabel="layer", ylabel="share on [SOC-*] (text queries)")
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=120)
+
+
 def plot_rsa_layers(r: dict, path: Path) -> None:
     """rho per layer on all items (descriptive), with the reported layer and its CI marked."""
     fig, (ax,) = figure()
@@ -515,7 +542,7 @@ def ci(interval, fmt: str = ".2f") -> str:
 
 
 def summary_markdown(ppl=None, attention=None, rsa=None, encoder_probe=None, logit_lens=None,
-                     compare=None, generate=None, example=None) -> str:  # fmt: skip
+                     compare=None, generate=None, example=None, bias=None) -> str:  # fmt: skip
     """A markdown digest of the parts' JSON (those given)."""
     md = ["# Evaluation summary"]
 
@@ -574,6 +601,21 @@ def summary_markdown(ppl=None, attention=None, rsa=None, encoder_probe=None, log
         for r in generate["examples"]:
             gens = "; ".join(f"{c}: *{r[c]['generation']}*" for c in generate["conditions"])
             md.append(f"- reference *{r['reference']}* — {gens}")
+    if bias:
+        n = " ".join(f"{float(a):g}: {p:.2f};" for a, p in bias["val_ppl_by_alpha"].items())
+        md.append(f"\n## Social-aware attention bias (alpha {bias['alpha']:g} on val; {n[:-1]})")
+        table(
+            "condition", "perplexity (95% CI)", "with − without (95% CI)", "actor", "action", "all"
+        )
+        for c, r in bias["conditions"].items():
+            d = r.get("minus_unbiased")
+            cells = [f"{r['ppl']:.2f} {ci(r['ci95'])}"]
+            cells.append(f"{d['ppl']:+.2f} {ci(d['ci95'])}" if d else "—")
+            acc = r.get("accuracy", {}).get("accuracy", {})
+            cells += [f"{acc[h]:.2f}" if h in acc else "—" for h in ("actor", "action", "all")]
+            md.append(f"| {c} | " + " | ".join(cells) + " |")
+        att = " · ".join(f"{c} {r['mean']:.3f}" for c, r in bias["attention"].items())
+        md.append(f"\nShare of text-query attention on [SOC-*]: {att}.")
     if example:
         md.append(f"\n## One example: {example['text']!r} ({example['frames']} frame(s))")
         md.append(f"\n{' '.join(example['sequence'])}\n")
@@ -600,6 +642,14 @@ def prompt_of(utt: dict, n_words: int) -> dict:
     spans = common.split_words(utt["text"])
     end = spans[min(n_words, len(spans)) - 1][1]
     return {k: utt[k] for k in ("clip_id", "start", "end")} | {"text": utt["text"][:end]}
+
+
+def prompt_social(g, feats, clip_index, donors, prompts, condition) -> list:
+    """Per prompt: clip_social of its clip (of its donor clip: `shuffled`), None for `none`."""
+    if condition == "none":
+        return [None] * len(prompts)
+    clips = [donors[p["clip_id"]] if condition == "shuffled" else p["clip_id"] for p in prompts]
+    return [common.clip_social(g, feats, clip_index, c) for c in clips]
 
 
 def run_generate(L, tokenizer, prompts, social, tagger, batch_size, two_pass=False, **kw):
@@ -652,15 +702,16 @@ def accuracy_report(hits: dict, n_boot: int, seed: int) -> dict:
     for k, c in enumerate(names):
         out["conditions"][c] = {"accuracy": dict(zip(slots, acc[c].tolist(), strict=True)),
                                 "ci95": dict(zip(slots, map(percentile_ci, boot[k]), strict=True))}  # fmt: skip
+
+    def minus(a: str, b: str) -> dict:  # paired: the same resamples of utterances
+        diff = boot[names.index(a)] - boot[names.index(b)]
+        return {h: {"accuracy": float(acc[a][i] - acc[b][i]), "ci95": percentile_ci(diff[i])}
+                for i, h in enumerate(slots)}  # fmt: skip
+
     if "full" in names and "shuffled" in names:
-        f, s = names.index("full"), names.index("shuffled")
-        out["visual"] = {
-            h: {
-                "accuracy": float(acc["full"][i] - acc["shuffled"][i]),
-                "ci95": percentile_ci(boot[f, i] - boot[s, i]),
-            }  # fmt: skip
-            for i, h in enumerate(slots)
-        }
+        out["visual"] = minus("full", "shuffled")
+    for c in (c for c in names if c.endswith("+bias") and c.removesuffix("+bias") in names):
+        out["conditions"][c]["minus_unbiased"] = minus(c, c.removesuffix("+bias"))
     return out
 
 
@@ -691,6 +742,93 @@ def example_view(L, tokenizer, g, V, layout, text, images, device) -> tuple[dict
     out = {"text": text, "layout": layout, "sequence": att["example"]["tokens"], "frames": n}
     out["content_words"] = [w["text"] for w in words if w["content"]]
     return {**out, "loss": loss, "continuation": more, "top_heads": att["top_heads"]}, heat
+
+
+# ============ a training-free social-aware attention bias (seed 002) ============
+def social_attention(module, query, key, value, attention_mask, social_bias=None,
+                     social_roles=None, **kw):  # fmt: skip
+    """L's own eager attention (registered as attn_implementation "social"), plus a bias: in
+    layer l, the logits from text queries to social keys get social_bias[l, b, h] (0 in heads
+    not selected). social_roles [B, T]: roles of the whole sequence, its last Q the queries,
+    its last K the keys; social keys are [SOC-G] and [SOC-L]. Without social_bias: eager."""
+    import importlib
+
+    if social_bias is not None:
+        keys = social_roles[:, -key.shape[2] :]
+        text_query = (social_roles[:, -query.shape[2] :] == TEXT)[:, None, :, None]
+        social_key = ((keys == SOC_G) | (keys == SOC_L))[:, None, None, :]
+        b = social_bias[module.layer_idx][:, :, None, None].to(attention_mask.dtype)
+        attention_mask = attention_mask + b * (text_query & social_key)  # [B, H, Q, K]
+    eager = importlib.import_module(type(module).__module__).eager_attention_forward
+    return eager(module, query, key, value, attention_mask, **kw)
+
+
+def use_social_attention(L) -> str:
+    """Route L's attention through social_attention (its eager mask: additive, [B, 1, Q, K]);
+    L's weights and modules stay as they are. Returns the implementation it had."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register("social", social_attention)
+    AttentionMaskInterface.register("social", eager_mask)
+    before = L.config._attn_implementation
+    L.set_attn_implementation("social")
+    return before
+
+
+def speaker_roles(batch: common.SocialBatch) -> torch.Tensor:
+    """batch.roles, with the [SOC-L] of earlier turns (before the first scored token: the context
+    of --task next-utterance) as PAD: the bias goes to the social tokens of the current speaker's
+    time span only (the seed's speaker-consistent alignment). [SOC-G] stays."""
+    roles = batch.roles.clone()
+    roles[(roles == SOC_L) & ((batch.labels != -100).cumsum(1) == 0)] = PAD
+    return roles
+
+
+def social_shares(attentions, roles: torch.Tensor) -> torch.Tensor:
+    """s [layers, B, H]: each head's share of its text queries' attention on social keys, per
+    input (the mean over the input's text queries)."""
+    query = (roles == TEXT).float()
+    key = ((roles == SOC_G) | (roles == SOC_L)).float()
+    s = torch.stack([torch.einsum("bhqk,bk,bq->bh", a.float(), key, query) for a in attentions])
+    return s / query.sum(1).clamp(min=1)[None, :, None]
+
+
+def select_heads(s: torch.Tensor, baseline: torch.Tensor, margin: float, topk: int):
+    """Dynamic head selection per input (seed 002): the heads whose share s [layers, B, H]
+    exceeds their zero-vector baseline [layers, H] by `margin`, or (topk > 0) the topk heads
+    of each layer by s."""
+    if topk > 0:
+        return s >= s.topk(min(topk, s.shape[-1]), dim=-1).values[..., -1:]
+    return s > baseline[:, None, :] + margin
+
+
+@torch.no_grad()
+def bias_kwargs(L, batch, baseline, alpha: float, margin: float, topk: int) -> dict:
+    """L's kwargs that bias `batch`: a first pass without bias gives s; the selected heads get
+    log(1 + alpha * s) on the logits from text queries to this utterance's social keys, so the
+    heads that already look at the social tokens look more (alpha = 0: no change)."""
+    roles = speaker_roles(batch)
+    attn = common.lm_forward(L, batch, output_attentions=True, social_roles=roles).attentions
+    s = social_shares(attn, roles)
+    chosen = select_heads(s, baseline, margin, topk)
+    return {"social_bias": torch.where(chosen, torch.log1p(alpha * s), 0.0), "social_roles": roles}
+
+
+@torch.no_grad()
+def bias_attention(L, items, social, condition, batch_size, device, bias=None) -> torch.Tensor:
+    """s [layers, H, n]: per input, each head's share of text-query attention on social keys
+    under `condition` (zero: the baseline of position alone), with `bias` when given."""
+    out = []
+    for s in range(0, len(items), batch_size):
+        part = items[s : s + batch_size]
+        with common.autocast(device):
+            inject, soc_l = social(part, condition)
+            batch = common.insert_social_tokens(part, soc_l, L.get_input_embeddings(), inject)
+            kw = bias(batch) if bias else {"social_roles": speaker_roles(batch)}
+            attn = common.lm_forward(L, batch, output_attentions=True, **kw).attentions
+        out.append(social_shares(attn, kw["social_roles"]).permute(0, 2, 1).cpu())
+    return torch.cat(out, -1)
 
 
 # ============ the encoder probe (demo): does V's [CLS] tell who does what to whom? ============
@@ -882,7 +1020,7 @@ def main(argv: list[str] | None = None) -> None:
     given["encoder_probe"] = args.data and (args.data / "scenes.csv").exists()
     given["encoder_probe"] = given["encoder_probe"] and (args.projector or args.encoder)
     given.update(logit_lens=given["attention"], compare=given["attention"] and args.compare)
-    given["generate"] = given["attention"]
+    given["generate"] = given["bias"] = given["attention"]
     given["example"] = args.text and args.frame and args.projector
     parts = args.what or [p for p in PARTS if given[p]]
     if unknown := [p for p in parts if p not in PARTS]:
@@ -919,13 +1057,13 @@ def main(argv: list[str] | None = None) -> None:
     # ============ held-out utterances, shuffled donors, RSA items ============
     clip_index = common.clip_frame_index(common.read_manifest(args.data)) if args.data else {}
     items, skipped, donors, index, r_items = [], [], None, [], []
-    if {"ppl", "attention", "logit_lens", "generate"} & set(parts):
+    if {"ppl", "attention", "logit_lens", "generate", "bias"} & set(parts):
         utts = common.read_utterances(args.data, args.split)
         task, turns = cfg.get("task", "utterance"), cfg.get("context_turns", 3)
         items, skipped = common.tokenize_split(utts, tokenizer, clip_index, task, turns, max_len)
         if not items:
             raise SystemExit(f"{args.data}: no usable utterance in split {args.split!r}")
-    if ("ppl" in parts or "generate" in parts) and "shuffled" in conditions:
+    if {"ppl", "generate", "bias"} & set(parts) and "shuffled" in conditions:
         clips = sorted({it.clip_id for it in items if len(it.t_p)})
         try:
             perm = derangement(len(clips), args.seed)
@@ -987,28 +1125,26 @@ def main(argv: list[str] | None = None) -> None:
         common.write_json(out / "compare.json", {"a": str(args.projector), "b": str(args.compare),
                                                  "split": args.split, **pair})  # fmt: skip
 
-    if "generate" in parts:  # ============ decoding with social tokens ============
-        utts = common.read_utterances(args.data, args.split)
+    utts, prompts, tagger, gens = [], [], None, {}  # decoding's, also the bias part's
+    if {"generate", "bias"} & set(parts):
         usable = donors if donors is not None else clip_index  # `shuffled` needs a donor clip
-        utts = [u for u in utts if u["clip_id"] in usable]
+        utts = [u for u in common.read_utterances(args.data, args.split) if u["clip_id"] in usable]
         prompts, tagger = [prompt_of(u, args.prompt_words) for u in utts], common.PosTagger()
-        kw = dict(
-            max_new_tokens=args.max_new_tokens, temperature=args.temperature, stop=(".", "\n")
-        )
-        gens, t0 = {}, time.perf_counter()
-        for c in (c for c in ("none", "full", "shuffled") if c in conditions):
-            clips = [donors[u["clip_id"]] if c == "shuffled" else u["clip_id"] for u in utts]
-            frames_g = [  # per prompt: (g(v_j), t_sec) of its clip's frames, or none
-                None if c == "none" else common.clip_social(g, feats, clip_index, k) for k in clips
-            ]
-            for two in (False, True) if args.two_pass and c != "none" else (False,):
-                gens[c + "/two-pass" * two] = run_generate(
-                    L, tokenizer, prompts, frames_g, tagger, args.batch_size, two, top_p=args.top_p,
-                    seed=args.seed, **kw)  # fmt: skip
-        seconds, texts = time.perf_counter() - t0, [r["text"] for o in gens.values() for r in o]
-        new = sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
         scenes_csv = args.data / "scenes.csv"
         scenes = read_scenes(scenes_csv) if scenes_csv.exists() else {}
+        decode = partial(run_generate, L, tokenizer, prompts, tagger=tagger,
+                         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                         temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                         stop=(".", "\n"))  # fmt: skip
+        frames_of = partial(prompt_social, g, feats, clip_index, donors, prompts)
+
+    if "generate" in parts:  # ============ decoding with social tokens ============
+        t0 = time.perf_counter()
+        for c in (c for c in ("none", "full", "shuffled") if c in conditions):
+            for two in (False, True) if args.two_pass and c != "none" else (False,):
+                gens[c + "/two-pass" * two] = decode(frames_of(c), two_pass=two)
+        seconds, texts = time.perf_counter() - t0, [r["text"] for o in gens.values() for r in o]
+        new = sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
         records, hits = score_generations(utts, prompts, gens, scenes)
         lines = "".join(json.dumps(r) + "\n" for r in records)
         common.atomic_write(out / "generate.jsonl", lambda tmp: Path(tmp).write_text(lines))
@@ -1016,6 +1152,55 @@ def main(argv: list[str] | None = None) -> None:
         report.update(split=args.split, prompt_words=args.prompt_words, seconds=seconds,
                       tokens_per_s=new / seconds)  # fmt: skip
         common.write_json(out / "generate.json", {**report, "examples": records[:6], **source})
+
+    if "bias" in parts:  # ============ the social-aware attention bias (seed 002) ============
+        before, bs = use_social_attention(L), args.batch_size
+        val = common.read_utterances(args.data, "val")
+        val = common.tokenize_split(val, tokenizer, clip_index, task, turns, max_len)[0]
+        if not (val := [it for it in val if len(it.t_p)]):
+            raise SystemExit(f"{args.data}: the bias tunes alpha on split 'val': no utterance "
+                             f"there has a content word")  # fmt: skip
+        base = bias_attention(L, val, social, "zero", bs, device).mean(-1).to(device)  # [layers, H]
+        biased = partial(bias_kwargs, L, baseline=base, margin=args.bias_margin,
+                         topk=args.bias_topk)  # fmt: skip
+        tuned = {}  # alpha -> val perplexity of g's layout with the bias
+        for a in args.bias_alpha:
+            nll, tok, _ = run_ppl(L, val, length_batches(val, bs), [layout], social, device,
+                                  bias=partial(biased, alpha=a))  # fmt: skip
+            tuned[a] = perplexity(nll[layout], tok[layout])
+        alpha = min(tuned, key=tuned.get)
+        bias = partial(biased, alpha=alpha)
+        conds = [c for c in ("none", layout, "shuffled") if c in conditions]
+        batches = length_batches(items, bs, args.steps, args.seed)
+        nll, tok, _ = run_ppl(L, items, batches, conds, social, device)
+        nll_b, tok_b, _ = run_ppl(L, items, batches, conds, social, device, bias=bias)
+        nll |= {c + "+bias": v for c, v in nll_b.items()}
+        tok |= {c + "+bias": v for c, v in tok_b.items()}
+        report = ppl_report(nll, tok, args.bootstrap, args.seed, layout)["conditions"]
+        for c in (c for c in ("full", "shuffled") if c in conditions):  # decoding, paired
+            gens[c] = gens.get(c) or decode(frames_of(c))
+            gens[c + "+bias"] = decode(frames_of(c), bias=bias)
+        _, hits = score_generations(utts, prompts, gens, scenes)
+        if any(hits.values()):
+            for c, r in accuracy_report(hits, args.bootstrap, args.seed)["conditions"].items():
+                report.setdefault(c, {})["accuracy"] = r
+        chosen = [it for it in items if len(it.t_p)][: args.attention_examples]
+        s = {"zero": bias_attention(L, chosen, social, "zero", bs, device)}
+        s[layout] = bias_attention(L, chosen, social, layout, bs, device)
+        s[layout + "+bias"] = bias_attention(L, chosen, social, layout, bs, device, bias)
+        L.set_attn_implementation(before)
+        picked = select_heads(s[layout].permute(0, 2, 1), base.cpu(), args.bias_margin,
+                              args.bias_topk).float().mean(1)  # fmt: skip  # [layers, H]
+        heads = [dict(layer=int(i), head=int(j), selected=float(picked[i, j]),
+                      zero_baseline=float(base[i, j])) for i, j in picked.nonzero().tolist()]  # fmt: skip
+        heads.sort(key=lambda h: -h["selected"])
+        shares = {c: x.mean(-1).numpy() for c, x in s.items()}  # [layers, H]
+        common.write_json(out / "bias.json", dict(
+            alpha=alpha, val_ppl_by_alpha=tuned, margin=args.bias_margin, topk=args.bias_topk,
+            split=args.split, heads=heads[: args.top_heads], conditions=report,
+            attention={c: {"mean": float(x.mean()), "per_layer": x.mean(1).tolist()}
+                       for c, x in shares.items()}, **source))  # fmt: skip
+        plot_bias_attention(shares, out / "bias_attention.png")
 
     if "example" in parts:  # ============ one sentence beside its frames ============
         from PIL import Image

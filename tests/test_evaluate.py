@@ -643,6 +643,10 @@ def write_rsa_inputs(folder, data):
     return len(ids)
 
 
+def conds_of(ev_dir):
+    return json.loads((ev_dir / "ppl.json").read_text())["conditions"]
+
+
 def test_end_to_end_on_the_demo(trained, tmp_path):
     data, proj, _ = trained
     n_items = write_rsa_inputs(tmp_path, data)
@@ -660,6 +664,13 @@ def test_end_to_end_on_the_demo(trained, tmp_path):
     assert list(gen["conditions"]) == ["none", "full", "shuffled"] and "visual" in gen
     lines = (ev_dir / "generate.jsonl").read_text().splitlines()
     assert len(lines) == gen["utterances"] and "generation" in json.loads(lines[0])["full"]
+    bias = json.loads((ev_dir / "bias.json").read_text())
+    assert str(bias["alpha"]) in bias["val_ppl_by_alpha"] and len(bias["val_ppl_by_alpha"]) == 3
+    b = bias["conditions"]
+    assert b["none+bias"]["ppl"] == pytest.approx(b["none"]["ppl"])  # no [SOC-*]: no bias
+    assert b["full"]["ppl"] == pytest.approx(conds_of(ev_dir)["full"]["ppl"], rel=1e-4)
+    assert "minus_unbiased" in b["full+bias"] and "accuracy" in b["shuffled+bias"]
+    assert len(bias["attention"]["full+bias"]["per_layer"]) == 2
     pair = json.loads((ev_dir / "compare.json").read_text())
     assert pair["cosine"]["p05"] == pytest.approx(1.0, abs=1e-5) and pair["frames"] > 0
 
@@ -691,7 +702,9 @@ def test_end_to_end_on_the_demo(trained, tmp_path):
     summary = (ev_dir / "summary.md").read_text()
     assert "Visual gain" in summary and "| shuffled |" in summary and "RSA" in summary
     assert "Logit lens" in summary and "Two projectors" in summary and "Decoding" in summary
-    for png in ("ppl.png", "attention_example.png", "attention_layers.png", "rsa_layers.png"):
+    assert "attention bias" in summary
+    pngs = ("ppl.png", "attention_example.png", "attention_layers.png", "rsa_layers.png")
+    for png in (*pngs, "bias_attention.png"):
         assert (ev_dir / png).stat().st_size > 1000
 
 

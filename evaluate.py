@@ -173,9 +173,10 @@ def ppl_report(nll: dict, tokens: dict, n_boot: int, seed: int, layout: str = "f
                         utterances=len(nll[c]))  # fmt: skip
         if "none" in names and c != "none":
             conds[c]["minus_none"] = minus(c, "none")
-        if c in ("zero", "shuffled") and layout in names:
-            conds[c]["minus_layout"] = {**minus(c, layout), "against": layout}
-        if c.endswith("+bias") and (plain := c.removesuffix("+bias")) in names:
+        plain = c.removesuffix("+bias")  # a control with the bias against the layout with it
+        if plain in ("zero", "shuffled") and (ref := layout + c[len(plain) :]) in names:
+            conds[c]["minus_layout"] = {**minus(c, ref), "against": ref}
+        if c != plain and plain in names:
             conds[c]["minus_unbiased"] = minus(c, plain)
     if "shuffled" in names and layout in names:  # the visual gain: shuffled - trained layout
         return {"conditions": conds, "visual_gain": conds["shuffled"]["minus_layout"]}
@@ -614,6 +615,9 @@ def summary_markdown(ppl=None, attention=None, rsa=None, encoder_probe=None, log
             acc = r.get("accuracy", {}).get("accuracy", {})
             cells += [f"{acc[h]:.2f}" if h in acc else "—" for h in ("actor", "action", "all")]
             md.append(f"| {c} | " + " | ".join(cells) + " |")
+        gains = [(c, r.get("minus_layout")) for c, r in bias["conditions"].items()]
+        md.append("\nVisual gain: " + "; ".join(
+            f"{c} − {g['against']} {g['ppl']:.2f} {ci(g['ci95'])}" for c, g in gains if g) + ".")  # fmt: skip
         att = " · ".join(f"{c} {r['mean']:.3f}" for c, r in bias["attention"].items())
         md.append(f"\nShare of text-query attention on [SOC-*]: {att}.")
     if example:
@@ -1031,7 +1035,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"evaluate: nothing to do; the parts need {PARTS}")
     if unknown := [c for c in args.conditions if c not in CONDITIONS]:
         raise SystemExit(f"--conditions: unknown {unknown}; expected some of {CONDITIONS}")
-    print("evaluate:", *parts, *[f"(no {p}: needs {PARTS[p]})" for p in PARTS if p not in parts])
+    print("evaluate:", *parts, *[f"(no {p}: needs {PARTS[p]})" for p in PARTS if not given[p]])
     common.seed_everything(args.seed)
     device, out = torch.device(args.device), args.out / "eval"
     out.mkdir(parents=True, exist_ok=True)
@@ -1177,10 +1181,11 @@ def main(argv: list[str] | None = None) -> None:
         nll |= {c + "+bias": v for c, v in nll_b.items()}
         tok |= {c + "+bias": v for c, v in tok_b.items()}
         report = ppl_report(nll, tok, args.bootstrap, args.seed, layout)["conditions"]
-        for c in (c for c in ("full", "shuffled") if c in conditions):  # decoding, paired
-            gens[c] = gens.get(c) or decode(frames_of(c))
-            gens[c + "+bias"] = decode(frames_of(c), bias=bias)
-        _, hits = score_generations(utts, prompts, gens, scenes)
+        paired = {}  # decoding with and without the bias (without: the generate part's)
+        for c in (c for c in ("full", "shuffled") if c in conditions):
+            paired[c] = gens.get(c) or decode(frames_of(c))
+            paired[c + "+bias"] = decode(frames_of(c), bias=bias)
+        _, hits = score_generations(utts, prompts, paired, scenes)
         if any(hits.values()):
             for c, r in accuracy_report(hits, args.bootstrap, args.seed)["conditions"].items():
                 report.setdefault(c, {})["accuracy"] = r

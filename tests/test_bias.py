@@ -107,6 +107,34 @@ def test_speaker_roles_keep_the_current_turns_social_tokens():
     assert out.tolist() == [[BOS, SOC_G, TEXT, PAD, TEXT, TEXT, SOC_L, TEXT]]
 
 
+def test_speaker_roles_on_a_tokenized_conversation():
+    """The same rule on a real next-utterance item: the earlier turn's two [SOC-L] drop out of
+    the bias, the current turn's two stay, each right after its word's last sub-word."""
+
+    def turn(text, words, t0):
+        spans = [(text.index(w), text.index(w) + len(w)) for w in words]
+        ws = [dict(text=w, char_start=a, char_end=b, t_sec=t0 + k, content=True)
+              for k, (w, (a, b)) in enumerate(zip(words, spans, strict=True))]  # fmt: skip
+        return {"clip_id": "c", "turn": int(t0), "text": text, "words": ws}
+
+    tok = tiny_tokenizer()
+    first, now = (
+        turn("The blue man hugs.", ["man", "hugs"], 0.0),
+        turn("Now the zookeeper waves.", ["zookeeper", "waves"], 2.0),
+    )
+    item = common.tokenize_utterance(tok, now, context=[first])
+    batch = common.insert_social_tokens([item], torch.ones(4, 8), torch.nn.Embedding(30, 8), "full")
+    roles = ev.speaker_roles(batch)[0]
+    kept, dropped = (
+        (roles == SOC_L).nonzero().flatten(),
+        (roles != batch.roles[0]).nonzero().flatten(),
+    )
+    assert len(kept) == 2 and len(dropped) == 2 and (batch.roles[0][dropped] == SOC_L).all()
+    assert dropped.max() < (batch.labels[0] != -100).nonzero().min() < kept.min()
+    ids = batch.labels[0].tolist()
+    assert [tok.convert_ids_to_tokens(ids[k - 1]) for k in kept.tolist()] == ["ookeeper", "▁waves"]
+
+
 @pytest.mark.parametrize("alpha", [0.0, 1e4])
 def test_decoding_with_the_bias_keeps_the_cache_exact(L, alpha):
     """With the bias (roles growing as [SOC-L] go in): cache = full passes; alpha 0 = no bias."""

@@ -905,6 +905,8 @@ def load_projector(path: Path, device: torch.device):
         raise ValueError(f"{file.with_suffix('.json')}: missing field(s) {missing}")
     if (dtype := cfg.get("lm_dtype", "bfloat16")) not in DTYPES[1:]:  # absent: load_lm's default
         raise ValueError(f"{file.with_suffix('.json')}: lm_dtype {dtype!r}; expected {DTYPES[1:]}")
+    if cfg.get("encoder"):  # stored relative to the projector's folder (older files: absolute)
+        cfg["encoder"] = str((file.parent / cfg["encoder"]).resolve())
     g = common.Projector(cfg["in_dim"], cfg["out_dim"], cfg["depth"], cfg["hidden"])
     g.load_state_dict(tensors)
     return g.to(device).eval(), cfg

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import time
 from pathlib import Path
 
@@ -331,11 +332,13 @@ def train_proj(args: argparse.Namespace):
 
     # ============ export ============
     if common.is_main():
-        encoder = str(args.encoder.resolve()) if args.encoder is not None else None
+        encoder = args.encoder
         if args.train_encoder or args.encoder is None:  # evaluate.py needs the V that g saw
             by = "train_proj.py --train-encoder" if args.train_encoder else "train_proj.py (random)"
             common.export_encoder(V, args.out, {**encoder_cfg, "trained_by": by})
-            encoder = str(args.out.resolve())
+            encoder = args.out
+        # relative to the projector's folder: the two can move together (out/ copied off a GPU box)
+        encoder = os.path.relpath(encoder.resolve(), args.out.resolve())
         config = {
             **g.config, "lm": args.lm, "lm_hidden": L.config.hidden_size,
             "lm_dtype": str(L.dtype).removeprefix("torch."), "encoder": encoder,

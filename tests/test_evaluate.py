@@ -708,6 +708,16 @@ def test_end_to_end_on_the_demo(trained, tmp_path):
         assert (ev_dir / png).stat().st_size > 1000
 
 
+def test_projector_and_encoder_move_together(trained, tmp_path):
+    """projector.json names its V relative to its own folder: copied elsewhere side by side,
+    evaluate still finds the V that g saw."""
+    _, proj, _ = trained
+    for name in ("proj", "enc"):
+        shutil.copytree(proj.parent / name, tmp_path / name)
+    _, cfg = ev.load_projector(tmp_path / "proj", torch.device("cpu"))
+    assert cfg["encoder"] == str((tmp_path / "enc").resolve())
+
+
 def test_one_example_beside_a_jpeg(trained, tmp_path):
     """--text with --frame: the sequence with its social tokens, per-token losses with and
     without them, the heatmap, and a continuation under both, from a JPEG on disk."""
@@ -775,7 +785,9 @@ def test_unknown_clip_in_index_and_missing_inputs_are_named(demo_data, tmp_path)
 def saved_as(proj, folder, **fields):
     """A copy of a train_proj.py --out whose projector.json has `fields` (None: field removed)."""
     shutil.copytree(proj, folder)
-    cfg = {**json.loads((folder / "projector.json").read_text()), **fields}
+    cfg = json.loads((folder / "projector.json").read_text())
+    cfg["encoder"] = str((proj / cfg["encoder"]).resolve())  # absolute (older files): it moved
+    cfg.update(fields)
     (folder / "projector.json").write_text(
         json.dumps({k: v for k, v in cfg.items() if v is not None})
     )

@@ -454,12 +454,14 @@ def word_time(span: tuple[int, int], n_chars: int, utt: dict) -> float:
 def social_items(tokenizer, utts, words, social, n_chars, soc_g=None):
     """(items, soc_l [sum w, D] | None, frames [B][w]): utterances as training reads them, their
     nouns and verbs (`words`: PosTagger.tag's; none where social[b] is None) at `word_time`, with
-    g(v_j) of the nearest frame. soc_g[b] goes in as the [SOC-L] of BOS (t_p 0), which
+    g(v_j) of the nearest frame; earlier turns (u["context"], prep's words) first, as
+    --task next-utterance reads them. soc_g[b] goes in as the [SOC-L] of BOS (t_p 0), which
     insert_social_tokens puts right after BOS: [SOC-G]'s place."""
     items, soc_l, frames = [], [], []
     for b, (u, w, s) in enumerate(zip(utts, words, social, strict=True)):
         w = [x | {"t_sec": word_time((x["char_start"], x["char_end"]), n_chars[b], u)} for x in w]
-        it = tokenize_utterance(tokenizer, {**u, "words": w if s is not None else []})
+        context = [c if s is not None else {**c, "words": []} for c in u.get("context", ())]
+        it = tokenize_utterance(tokenizer, {**u, "words": w if s is not None else []}, context)
         frames.append([nearest_frame(s[1], t) for t in it.word_t])
         if soc_g is not None and soc_g[b] is not None:
             soc_l.append(soc_g[b])
@@ -499,11 +501,13 @@ def decode_social(L, tokenizer, prompts, social=None, tagger=None, max_new_token
     padding) through L's KV cache: the prefix is read once, then each step feeds each sequence
     one embedding, its last token's (Gemma scales it) or a [SOC-L] (unscaled).
 
-    prompts[b]: {"clip_id", "text", "start", "end"}, [start, end] the utterance's time span;
+    prompts[b]: {"clip_id", "text", "start", "end"}, [start, end] the utterance's time span,
+    and for --task next-utterance "context": the earlier turns (utterances.jsonl's) read first,
+    with their social tokens;
     social[b]: clip_social's (g(v_j), t_sec) of its clip (a donor clip's: `shuffled`), None: no
     social token (`none`). [SOC-G], in training the mean of the utterance's [SOC-L] (unknown
     before decoding): soc_g[b] (two-pass: training_soc_g), else the mean g(v_j) over
-    span_frames. [SOC-L]: the prompt's nouns and verbs by the training path
+    span_frames from the first turn read. [SOC-L]: the prompt's nouns and verbs by the training path
     (tokenize_utterance, insert_social_tokens); then, when the next token starts a word (space,
     punctuation, EOS), the text so far is tagged in context (`lookahead`: with that token, and
     the prompt's last word waits for it; spaCy makes a text's last word a noun: "the green")
@@ -520,8 +524,9 @@ def decode_social(L, tokenizer, prompts, social=None, tagger=None, max_new_token
     social, soc_g = social or [None] * B, list(soc_g or [None] * B)
     n_chars = n_chars if isinstance(n_chars, list | tuple) else [n_chars] * B
     for b, (s, p) in enumerate(zip(social, prompts, strict=True)):
-        if soc_g[b] is None and s is not None:
-            soc_g[b] = s[0][span_frames(s[1], p["start"], p["end"])].mean(0)
+        if soc_g[b] is None and s is not None:  # from the first turn read (context) on
+            start = min(c["start"] for c in [*p.get("context", ()), p])
+            soc_g[b] = s[0][span_frames(s[1], start, p["end"])].mean(0)
     words = tagger.tag(text := [p["text"] for p in prompts])
     checked = [w[-1]["char_start"] if lookahead and w and w[-1]["char_end"] == len(t) else len(t)
                for w, t in zip(words, text, strict=True)]  # fmt: skip  # words decided up to here

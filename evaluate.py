@@ -641,11 +641,25 @@ def summary_markdown(ppl=None, attention=None, rsa=None, encoder_probe=None, log
 
 
 # ============ decoding with social tokens: does L say who does what to whom? ============
-def prompt_of(utt: dict, n_words: int) -> dict:
-    """The utterance cut after its first n_words words, with its clip and time span."""
+def prompt_of(utt: dict, n_words: int, context=()) -> dict:
+    """The utterance cut after its first n_words words, with its clip, its time span and the
+    earlier turns L reads first (--task next-utterance)."""
     spans = common.split_words(utt["text"])
     end = spans[min(n_words, len(spans)) - 1][1]
-    return {k: utt[k] for k in ("clip_id", "start", "end")} | {"text": utt["text"][:end]}
+    keep = {k: utt[k] for k in ("clip_id", "start", "end")}
+    return keep | {"text": utt["text"][:end], "context": list(context)}
+
+
+def earlier_turns(utts: list[dict], n: int) -> list[list[dict]]:
+    """Per utterance, the up to n turns of its clip before it (tokenize_split's context)."""
+    by_clip: dict[str, list[dict]] = {}
+    for u in sorted(utts, key=lambda u: u.get("turn", 0)):
+        by_clip.setdefault(u["clip_id"], []).append(u)
+    out = []
+    for u in utts:
+        before = [t for t in by_clip[u["clip_id"]] if t.get("turn", 0) < u.get("turn", 0)]
+        out.append(before[max(0, len(before) - n) :])
+    return out
 
 
 def prompt_social(g, feats, clip_index, donors, prompts, condition) -> list:
@@ -1135,7 +1149,9 @@ def main(argv: list[str] | None = None) -> None:
     if {"generate", "bias"} & set(parts):
         usable = donors if donors is not None else clip_index  # `shuffled` needs a donor clip
         utts = [u for u in common.read_utterances(args.data, args.split) if u["clip_id"] in usable]
-        prompts, tagger = [prompt_of(u, args.prompt_words) for u in utts], common.PosTagger()
+        context = earlier_turns(utts, turns if task == "next-utterance" else 0)
+        prompts = [prompt_of(u, args.prompt_words, c) for u, c in zip(utts, context, strict=True)]
+        tagger = common.PosTagger()
         scenes_csv = args.data / "scenes.csv"
         scenes = read_scenes(scenes_csv) if scenes_csv.exists() else {}
         decode = partial(run_generate, L, tokenizer, prompts, tagger=tagger,

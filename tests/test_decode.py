@@ -133,6 +133,32 @@ def test_soc_l_goes_right_after_the_last_subword_of_nouns_and_verbs(tokenizer, t
     assert out["ids"] == ids + [1]
 
 
+def test_next_utterance_prompts_read_earlier_turns_with_their_social_tokens(tokenizer, tagger):
+    """--task next-utterance: the earlier turn first, its nouns and verbs (prep's words) with
+    [SOC-L] of the frames nearest their times, as in training; [SOC-G] over the frames from the
+    first turn read on; `none` reads the earlier turn's text alone."""
+    before = "The blue man hugs the zookeeper."
+    words = [("man", 0.0), ("hugs", 0.6), ("zookeeper", 1.0)]
+    words = [dict(text=w, char_start=before.index(w), char_end=before.index(w) + len(w),
+                  t_sec=t, content=True) for w, t in words]  # fmt: skip
+    context = [{"clip_id": "c", "text": before, "words": words, "start": 0.0, "end": 1.5}]
+    now = prompt("Now the", start=2.0, end=3.0) | {"context": context}
+    ids = tokenizer(before + "\n" + "Now the green woman waves.")["input_ids"]
+    head = ids[: ids.index(5) + 2]  # <bos> ... . <unk> (the newline) Now ▁the
+    L = ScriptedL([*ids, 1, 1])
+    out = decode_social(L, tokenizer, [now], [frames([100, 101, 102, 103], 4)], tagger, 20,
+                        use_cache=False)[0]  # fmt: skip
+    assert out["text"] == " green woman waves."
+    soc_g = (100 + 101 + 102 + 103) / 4  # frames 0-3: from the earlier turn's start on
+    assert L.fed[: len(head) + 4] == [2, soc_g, *head[1:4], 100, head[4], 101, *head[5:8], 101,
+                                      *head[8:]]  # fmt: skip
+    assert out["soc_l"][:3] == [(3, 0), (4, 1), (7, 1)]  # ▁man, ▁hugs, ookeeper
+    assert len(out["soc_l"]) == 5  # and the generated woman, waves
+    L = ScriptedL([*ids, 1, 1])
+    decode_social(L, tokenizer, [now], [None], tagger, 20, use_cache=False)
+    assert L.fed[: len(head)] == head and max(L.fed) < 100
+
+
 def test_without_lookahead_a_final_colour_is_a_noun(tokenizer, tagger):
     """Tagged alone, "The green" ends in a noun: a [SOC-L] after "green", never seen in
     training (the reason for `lookahead`)."""
@@ -189,3 +215,12 @@ def test_accuracy_report_is_paired():
     assert r["conditions"]["full"]["accuracy"]["actor"] == 0.75
     assert r["visual"]["actor"]["accuracy"] == 0.75
     assert r["visual"]["action"]["ci95"] == [0.0, 0.0]  # paired: the same resamples
+
+
+def test_earlier_turns_take_the_clips_previous_turns_in_order():
+    utts = [{"clip_id": c, "turn": k, "text": f"{c}{k}", "start": k, "end": k + 1} for c, k in
+            [("a", 2), ("b", 0), ("a", 0), ("a", 1), ("b", 1), ("a", 3)]]  # fmt: skip
+    got = [[t["text"] for t in ctx] for ctx in ev.earlier_turns(utts, 2)]
+    assert got == [["a0", "a1"], [], [], ["a0"], ["b0"], ["a1", "a2"]]
+    assert ev.earlier_turns(utts, 0) == [[]] * 6
+    assert ev.prompt_of(utts[0], 1, got[0])["context"] == ["a0", "a1"]

@@ -851,7 +851,9 @@ def atomic_write(path: str | Path, write_fn) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=Path(path).parent, prefix=f".{Path(path).name}.")
     os.close(fd)
-    os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide results from the other users of a box
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # as open() would make it: mkstemp's 0600 hides results
     try:
         write_fn(tmp)
         os.replace(tmp, path)

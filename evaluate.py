@@ -24,6 +24,7 @@ import argparse
 import csv
 import json
 import math
+import os
 import time
 from functools import partial
 from itertools import permutations
@@ -43,7 +44,7 @@ PARTS = {"ppl": "--data", "attention": "--data, --projector", "rsa": "--index, -
          "encoder_probe": "--data with scenes.csv, --projector or --encoder",
          "logit_lens": "--data, --projector", "compare": "--data, --projector, --compare",
          "generate": "--data, --projector", "example": "--text, --frame, --projector",
-         "bias": "--data, --projector"}  # fmt: skip
+         "bias": "--data with a val split, --projector"}  # fmt: skip
 SLOTS = ("actor", "action", "target")  # who does what to whom: scenes.csv's columns
 DTYPES = ("auto", "bfloat16", "float32")  # of L; auto: what g was trained against
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -609,8 +610,8 @@ def summary_markdown(ppl=None, attention=None, rsa=None, encoder_probe=None, log
             "condition", "perplexity (95% CI)", "with − without (95% CI)", "actor", "action", "all"
         )
         for c, r in bias["conditions"].items():
-            d = r.get("minus_unbiased")
-            cells = [f"{r['ppl']:.2f} {ci(r['ci95'])}"]
+            d = r.get("minus_unbiased")  # decoding rows are `full`, whatever g's layout
+            cells = [f"{r['ppl']:.2f} {ci(r['ci95'])}" if "ppl" in r else "—"]
             cells.append(f"{d['ppl']:+.2f} {ci(d['ci95'])}" if d else "—")
             acc = r.get("accuracy", {}).get("accuracy", {})
             cells += [f"{acc[h]:.2f}" if h in acc else "—" for h in ("actor", "action", "all")]
@@ -654,10 +655,14 @@ def earlier_turns(utts: list[dict], n: int) -> list[list[dict]]:
     """Per utterance, the up to n turns of its clip before it (tokenize_split's context)."""
     by_clip: dict[str, list[dict]] = {}
     for u in sorted(utts, key=lambda u: u.get("turn", 0)):
-        by_clip.setdefault(u["clip_id"], []).append(u)
+        try:  # a malformed turn is not read (tokenize_split reports it)
+            common.content_words(u)
+            by_clip.setdefault(u["clip_id"], []).append(u)
+        except ValueError:
+            pass
     out = []
     for u in utts:
-        before = [t for t in by_clip[u["clip_id"]] if t.get("turn", 0) < u.get("turn", 0)]
+        before = [t for t in by_clip.get(u["clip_id"], []) if t.get("turn", 0) < u.get("turn", 0)]
         out.append(before[max(0, len(before) - n) :])
     return out
 
@@ -920,7 +925,7 @@ def load_projector(path: Path, device: torch.device):
     if (dtype := cfg.get("lm_dtype", "bfloat16")) not in DTYPES[1:]:  # absent: load_lm's default
         raise ValueError(f"{file.with_suffix('.json')}: lm_dtype {dtype!r}; expected {DTYPES[1:]}")
     if cfg.get("encoder"):  # stored relative to the projector's folder (older files: absolute)
-        cfg["encoder"] = str((file.parent / cfg["encoder"]).resolve())
+        cfg["encoder"] = os.path.normpath(file.parent / cfg["encoder"])
     g = common.Projector(cfg["in_dim"], cfg["out_dim"], cfg["depth"], cfg["hidden"])
     g.load_state_dict(tensors)
     return g.to(device).eval(), cfg
@@ -1041,6 +1046,9 @@ def main(argv: list[str] | None = None) -> None:
     given["encoder_probe"] = given["encoder_probe"] and (args.projector or args.encoder)
     given.update(logit_lens=given["attention"], compare=given["attention"] and args.compare)
     given["generate"] = given["bias"] = given["attention"]
+    if given["bias"]:  # alpha is tuned on the val split: it needs a noun or verb there
+        val = common.read_utterances(args.data, "val")
+        given["bias"] = any(w.get("content") for u in val for w in u.get("words", []))
     given["example"] = args.text and args.frame and args.projector
     parts = args.what or [p for p in PARTS if given[p]]
     if unknown := [p for p in parts if p not in PARTS]:
@@ -1177,6 +1185,8 @@ def main(argv: list[str] | None = None) -> None:
 
     if "bias" in parts:  # ============ the social-aware attention bias (seed 002) ============
         before, bs = use_social_attention(L), args.batch_size
+        if args.split == "val":
+            print("evaluate: bias: alpha is tuned on val and reported on val (use --split test)")
         val = common.read_utterances(args.data, "val")
         val = common.tokenize_split(val, tokenizer, clip_index, task, turns, max_len)[0]
         if not (val := [it for it in val if len(it.t_p)]):
@@ -1199,9 +1209,9 @@ def main(argv: list[str] | None = None) -> None:
         nll |= {c + "+bias": v for c, v in nll_b.items()}
         tok |= {c + "+bias": v for c, v in tok_b.items()}
         report = ppl_report(nll, tok, args.bootstrap, args.seed, layout)["conditions"]
-        paired = {}  # decoding with and without the bias (without: the generate part's)
+        paired = {}  # decoding with and without the bias, both through social_attention
         for c in (c for c in ("full", "shuffled") if c in conditions):
-            paired[c] = gens.get(c) or decode(frames_of(c))
+            paired[c] = decode(frames_of(c))
             paired[c + "+bias"] = decode(frames_of(c), bias=bias)
         _, hits = score_generations(utts, prompts, paired, scenes)
         if any(hits.values()):

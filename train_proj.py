@@ -337,8 +337,9 @@ def train_proj(args: argparse.Namespace):
             by = "train_proj.py --train-encoder" if args.train_encoder else "train_proj.py (random)"
             common.export_encoder(V, args.out, {**encoder_cfg, "trained_by": by})
             encoder = args.out
-        # relative to the projector's folder: the two can move together (out/ copied off a GPU box)
-        encoder = os.path.relpath(encoder.resolve(), args.out.resolve())
+        # relative to the projector's folder (lexically): the two can move together (out/ copied
+        # off a GPU box)
+        encoder = os.path.relpath(os.path.abspath(encoder), os.path.abspath(args.out))
         config = {
             **g.config, "lm": args.lm, "lm_hidden": L.config.hidden_size,
             "lm_dtype": str(L.dtype).removeprefix("torch."), "encoder": encoder,

@@ -152,3 +152,27 @@ def test_decoding_with_the_bias_keeps_the_cache_exact(L, alpha):
             runs[cache, b is None] = [o["ids"] for o in out]
     assert runs[True, False] == runs[False, False]  # the bias, with and without the cache
     assert (runs[True, False] == runs[True, True]) == (alpha == 0.0)
+
+
+def test_decoding_marks_soc_g_a_social_key_and_the_summary_takes_any_layout(L):
+    """The prefill's [SOC-G] (fed as BOS's [SOC-L]) is a [SOC-G] key for the bias; the summary
+    reads a bias.json of a g trained with --inject local (decoding rows are `full`)."""
+    tok, seen = tiny_tokenizer(), []
+    base = torch.zeros(L.config.num_hidden_layers, L.config.num_attention_heads)
+
+    def bias(batch):
+        kw = ev.bias_kwargs(L, batch, base, 1.0, margin=-1.0, topk=0)
+        seen.append(kw["social_roles"])
+        return kw
+
+    social = [frames([1.0, 2.0, 3.0], L.config.hidden_size), None]
+    common.decode_social(L, tok, [prompt("The blue"), prompt("Now the")], social,
+                         common.PosTagger(), max_new_tokens=2, bias=bias)  # fmt: skip
+    assert (seen[0] == SOC_G).sum(1).tolist() == [1, 0]
+    row = {"ppl": 3.0, "ci95": [2.0, 4.0]}
+    acc = {"accuracy": {"actor": 0.5, "action": 0.25, "target": 0.0, "all": 0.0}}
+    report = {"alpha": 1.0, "val_ppl_by_alpha": {"1.0": 3.0}, "attention": {},
+              "conditions": {"local": row, "local+bias": row | {"minus_unbiased": row},
+                             "full": {"accuracy": acc}}}  # fmt: skip
+    md = ev.summary_markdown(bias=report)
+    assert "| full | — | — | 0.50 | 0.25 | 0.00 |" in md and "| local | 3.00 [2.00, 4.00]" in md

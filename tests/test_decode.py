@@ -224,3 +224,8 @@ def test_earlier_turns_take_the_clips_previous_turns_in_order():
     assert got == [["a0", "a1"], [], [], ["a0"], ["b0"], ["a1", "a2"]]
     assert ev.earlier_turns(utts, 0) == [[]] * 6
     assert ev.prompt_of(utts[0], 1, got[0])["context"] == ["a0", "a1"]
+    bad = {"clip_id": "b", "turn": 2, "text": "b2", "start": 2, "end": 3}
+    bad["words"] = [{"text": "x", "char_start": 1, "char_end": 9, "t_sec": 2, "content": True}]
+    later = {"clip_id": "b", "turn": 3, "text": "b3", "start": 3, "end": 4}
+    got = ev.earlier_turns([*utts, bad, later], 5)[-1]  # a malformed turn is not read
+    assert [t["text"] for t in got] == ["b0", "b1"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 import shutil
 from functools import partial
 
@@ -715,7 +716,7 @@ def test_projector_and_encoder_move_together(trained, tmp_path):
     for name in ("proj", "enc"):
         shutil.copytree(proj.parent / name, tmp_path / name)
     _, cfg = ev.load_projector(tmp_path / "proj", torch.device("cpu"))
-    assert cfg["encoder"] == str((tmp_path / "enc").resolve())
+    assert cfg["encoder"] == os.path.normpath(tmp_path / "enc")
 
 
 def test_one_example_beside_a_jpeg(trained, tmp_path):

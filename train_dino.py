@@ -136,13 +136,11 @@ def dino_loss(student_out, teacher_out, center, teacher_temp, student_temp=0.1):
     teacher_out [2*B, K]. With q_i = P_t of view i and lp_v = log P_s of view v, two products:
         sum_v sum_{i != v} q_i . lp_v = (q_0 + q_1) . sum_v lp_v - sum_{i<2} q_i . lp_i."""
     batch = teacher_out.shape[0] // 2
-    log_p = F.log_softmax(student_out.float() / student_temp, dim=-1)
-    log_p = log_p.view(-1, batch, log_p.shape[-1])  # [V, B, K]
-    p_t = F.softmax((teacher_out.float() - center) / teacher_temp, dim=-1).detach()
-    p_t = p_t.view(2, batch, -1)
+    log_p = F.log_softmax(student_out.float() / student_temp, -1).unflatten(0, (-1, batch))
+    p_t = F.softmax((teacher_out.float() - center) / teacher_temp, -1).unflatten(0, (2, batch))
+    p_t = p_t.detach()  # [2, B, K]; log_p [V, B, K]
     cross = (p_t.sum(0) * log_p.sum(0)).sum() - (p_t * log_p[:2]).sum()
-    pairs = 2 * log_p.shape[0] - 2
-    return -cross / (pairs * batch)
+    return -cross / ((2 * log_p.shape[0] - 2) * batch)  # pairs: 2 teacher views x (V - 1)
 
 
 @torch.no_grad()
@@ -239,10 +237,8 @@ def load_vit_weights(V: nn.Module, path: str | Path) -> None:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such weights file (expected .safetensors or .pth)")
-    if path.suffix == ".safetensors":
-        sd = safetensors.torch.load_file(str(path))
-    else:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+    sd = (safetensors.torch.load_file(str(path)) if path.suffix == ".safetensors"
+          else torch.load(path, map_location="cpu", weights_only=True))  # fmt: skip
     sd = next((sd[k] for k in ("teacher", "model", "state_dict") if k in sd), sd)
     state = {}
     for k, v in sd.items():

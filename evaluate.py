@@ -812,9 +812,9 @@ def social_shares(attentions, roles: torch.Tensor) -> torch.Tensor:
     """s [layers, B, H]: each head's share of its text queries' attention on social keys, per
     input (the mean over the input's text queries)."""
     query = (roles == TEXT).float()
-    key = ((roles == SOC_G) | (roles == SOC_L)).float()
-    s = torch.stack([torch.einsum("bhqk,bk,bq->bh", a.float(), key, query) for a in attentions])
-    return s / query.sum(1).clamp(min=1)[None, :, None]
+    mass = [attention_mass(a, roles)[..., SOC_G:] for a in attentions]  # on [SOC-G] and [SOC-L]
+    s = [torch.einsum("bhqg,bq->bh", m, query) for m in mass]
+    return torch.stack(s) / query.sum(1).clamp(min=1)[None, :, None]
 
 
 def select_heads(s: torch.Tensor, baseline: torch.Tensor, margin: float, topk: int):

@@ -325,6 +325,7 @@ def embedded_lm_path() -> Path:
     final = cache_root() / f"{EMBEDDED_LM}-{gguf.stat().st_size}"
     if (final / "model.safetensors").exists():
         return final
+    import transformers
     from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -332,7 +333,13 @@ def embedded_lm_path() -> Path:
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache serves every user
     try:
-        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        ids = tokenizer("The green man waves.")["input_ids"]  # <bos> and 5 pieces
+        if ids[0] != tokenizer.bos_token_id or len(ids) > 6:  # it would ruin every perplexity
+            raise RuntimeError(f"{gguf}: transformers {transformers.__version__} converts its "
+                               f"tokenizer wrongly ({len(ids)} ids for 'The green man waves.', "
+                               "expected <bos> + 5): the embedded Gemma needs transformers >= 5.23")  # fmt: skip
+        tokenizer.save_pretrained(tmp)
         L = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
         config = L.config.to_dict() | {"dtype": "float32"}
         config.pop("quantization_config", None)  # plain float32 weights from here on

@@ -66,6 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--bn-head", action="store_true", help="BatchNorm in the head (DINO's use_bn_in_head)")
     add("--freeze-blocks", type=int, default=0, help="freeze patch embed + first K blocks")
     add("--compile", action="store_true", help="torch.compile networks, crops, loss")
+    add("--fp8", action="store_true", help="float8 matmuls in the student's V (torchao, Hopper)")
     # optimisation
     add("--lr", type=float, default=5e-4, help="peak LR per 256 frames (scaled)")
     add("--min-lr", type=float, default=1e-6, help="LR at the end of the cosine")
@@ -227,6 +228,10 @@ def build_networks(args: argparse.Namespace) -> tuple[MultiCropNet, MultiCropNet
         student = nn.SyncBatchNorm.convert_sync_batchnorm(student)  # statistics of all ranks
     teacher = copy.deepcopy(student).eval().requires_grad_(False)
     teacher.head.train()  # only BatchNorm cares: batch statistics, never the running ones
+    if args.fp8:  # the same parameters, float8 matmuls; the teacher stays in bf16
+        from torchao.float8 import convert_to_float8_training
+
+        convert_to_float8_training(student.backbone)
     return student, teacher
 
 

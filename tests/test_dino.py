@@ -449,6 +449,31 @@ def test_train_step_teacher_is_ema_of_student(tiny_data, tmp_path):
     assert torch.equal(student.head.last_layer.weight, s0)
 
 
+def test_fp8_student_keeps_its_parameters_and_the_teacher_stays(tiny_data, tmp_path):
+    """--fp8: the student's V computes in float8 (torchao), with the same parameters in the same
+    order, so the EMA pairs them as before; the teacher and the head keep plain linears."""
+    from torchao.float8.float8_linear import Float8Linear
+
+    args = args_for(tiny_data, tmp_path, "--steps", "4", "--fp8")
+    student, teacher = train_dino.build_networks(args)
+    assert any(isinstance(m, Float8Linear) for m in student.backbone.modules())
+    assert not any(
+        isinstance(m, Float8Linear) for m in [*teacher.modules(), *student.head.modules()]
+    )
+    names = [n for n, _ in student.named_parameters()]
+    assert names == [n for n, _ in teacher.named_parameters()]
+    opt = torch.optim.AdamW(common.param_groups(student, args.weight_decay))
+    sched = train_dino.schedules(args, total=4, steps_per_epoch=4, device="cpu")
+    t0 = [p.detach().clone() for p in teacher.parameters()]
+    g, loc = train_dino.multi_crop(torch.from_numpy(scene_frames(8)), args, torch.Generator())
+    loss, _, _ = train_dino.train_step(student, teacher, opt, train_dino.dino_loss,
+                                       torch.zeros(1, args.out_dim), sched, 0, g, loc, 3.0)  # fmt: skip
+    assert torch.isfinite(loss)
+    m = sched["momentum"][0]
+    for p_t, p0, p_s in zip(teacher.parameters(), t0, student.parameters(), strict=True):
+        assert torch.allclose(p_t, m * p0 + (1 - m) * p_s.detach(), atol=1e-6)
+
+
 def test_freeze_blocks_and_weight_decay_groups(tiny_data, tmp_path):
     args = args_for(tiny_data, tmp_path, "--freeze-blocks", "1")
     student, _ = train_dino.build_networks(args)

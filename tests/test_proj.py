@@ -104,6 +104,25 @@ def render(batch: common.SocialBatch, items, tokenizer) -> list[list[str]]:
 # --------------------------------------------------------------------------------------------
 
 
+def test_embedded_tokenizer_is_checked_at_conversion(tokenizer, tmp_path, monkeypatch):
+    """transformers 5.17-5.22 convert the GGUF's tokenizer without <bos> (5.17: without merges):
+    the conversion stops with the version instead of caching a tokenizer that ruins perplexity."""
+    assert tokenizer("The green man waves.")["input_ids"][0] == tokenizer.bos_token_id
+    import transformers
+
+    class NoBos:  # what 5.18-5.22 return: the right pieces, no <bos>
+        bos_token_id = tokenizer.bos_token_id
+
+        def __call__(self, text):
+            return {"input_ids": tokenizer(text, add_special_tokens=False)["input_ids"]}
+
+    monkeypatch.setenv("SOCIAL_TOKENS_CACHE", str(tmp_path))
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: NoBos())
+    with pytest.raises(RuntimeError, match="converts its tokenizer wrongly.*>= 5.23"):
+        common.embedded_lm_path()
+    assert list(tmp_path.iterdir()) == []  # no half-made cache left behind
+
+
 def test_tokenize_finds_last_subword_token(tokenizer):
     items = [common.tokenize_utterance(tokenizer, u) for u in (U_SEVERAL, U_SUBWORD_END, U_NONE)]
     toks = [tokenizer.convert_ids_to_tokens(it.input_ids.tolist()) for it in items]

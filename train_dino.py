@@ -163,7 +163,6 @@ def teacher_stats(t_out, center, teacher_temp) -> dict:
     return {"teacher_entropy": entropy.item(), "teacher_mi": mi.item(), "prototypes_used": used}
 
 
-@torch.no_grad()
 def ema_update(teacher_params: list[torch.Tensor], student_params: list[torch.Tensor], m: float):
     """Teacher = EMA of the student: theta_t <- m * theta_t + (1 - m) * theta_s (one lerp)."""
     torch._foreach_lerp_(teacher_params, [p.detach() for p in student_params], 1 - m)
@@ -292,23 +291,20 @@ class FrameBatches:
         rows = common.read_manifest(data_dir)
         self.ids = np.array(sorted({r["frame_idx"] for r in rows if r["split"] in splits}))
         if len(self.ids) == 0:
-            found = sorted({r["split"] for r in rows})
-            raise ValueError(f"{data_dir}/manifest.csv: no frames in split(s) {splits}: {found}")
+            raise ValueError(f"{data_dir}/manifest.csv: no frames in split(s) {splits}: "
+                             f"{sorted({r['split'] for r in rows})}")  # fmt: skip
         self.rank, self.world, self.seed = rank, world, seed
         self.batch = common.rank_batch(batch, world)  # this rank's rows of each step
         self.steps_per_epoch = len(self.ids) // batch
         if self.steps_per_epoch == 0:
             raise ValueError(f"{len(self.ids)} training frames cannot fill one step of {batch} "
                              "frames: lower --batch-size")  # fmt: skip
-        self._epoch, self._perm = -1, self.ids
 
     def __call__(self, step: int) -> np.ndarray:
         epoch, j = divmod(step, self.steps_per_epoch)
-        if epoch != self._epoch:
-            rng = np.random.default_rng([self.seed, epoch])
-            self._epoch, self._perm = epoch, self.ids[rng.permutation(len(self.ids))]
+        perm = self.ids[np.random.default_rng([self.seed, epoch]).permutation(len(self.ids))]
         lo = (j * self.world + self.rank) * self.batch
-        return np.sort(self._perm[lo : lo + self.batch])  # sorted: sequential memmap reads
+        return np.sort(perm[lo : lo + self.batch])  # sorted: sequential memmap reads
 
 
 def prefetch(frames: np.ndarray, batches: FrameBatches, start: int, stop: int, pin: bool):
@@ -566,8 +562,7 @@ def color_jitter(x: torch.Tensor, factors: torch.Tensor, basis: torch.Tensor) ->
     x = ((x - grey) * s + grey).clamp(0, 1)
     angle = factors[:, 3]
     coef = torch.stack([torch.ones_like(angle), angle.cos(), angle.sin()], 1)  # [n, 3]
-    m = torch.einsum("nk,kij->nij", coef, basis)
-    return torch.einsum("nij,njhw->nihw", m, x).clamp(0, 1)
+    return torch.einsum("nk,kij,njhw->nihw", coef, basis, x).clamp(0, 1)
 
 
 def grayscale(x: torch.Tensor, on: torch.Tensor) -> torch.Tensor:  # where on [n] is 1

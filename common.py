@@ -821,7 +821,8 @@ class PosTagger:
         import spacy
 
         try:
-            return spacy.load(self.model)
+            # POS needs tok2vec, tagger, attribute_ruler: without the rest a call is ~3x faster
+            return spacy.load(self.model, exclude=["parser", "ner", "lemmatizer"])
         except OSError as e:
             raise RuntimeError(
                 f"spaCy model '{self.model}' is not installed (pip install it, or pass "

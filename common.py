@@ -189,7 +189,7 @@ class SocialBatch:
     loss_row: torch.Tensor
 
 
-def insert_social_tokens(items, soc_l, embed, inject="full", padding_side="right") -> SocialBatch:
+def insert_social_tokens(items, soc_l, embed, inject="full", padding_side="right", soc_g=None):
     """Build L's input with social tokens (paper §"Local and global social tokens").
 
     For an utterance t_1..t_k whose content words end at the tokens p in P:
@@ -204,13 +204,16 @@ def insert_social_tokens(items, soc_l, embed, inject="full", padding_side="right
     soc_l [sum w_i, D]: one vector per content word, item by item (g(v_j), zeros for the `zero`
     control, another clip's frames for `shuffled`). They are spliced into the output of
     embed = L.get_input_embeddings(), so Gemma's embedding scaling touches text tokens only.
+    soc_g[b], where given (decoding: the [SOC-L] are not known yet), is item b's [SOC-G] instead
+    of the mean, and goes in even without content words.
     """
     assert inject in INJECT_MODES and padding_side in ("left", "right")
     n_words = [len(it.t_p) if inject != "none" else 0 for it in items]
-    if inject != "none" and (soc_l is None or soc_l.shape[0] != sum(n_words)):
-        got = None if soc_l is None else tuple(soc_l.shape)
+    got = 0 if soc_l is None else soc_l.shape[0]
+    if inject != "none" and got != sum(n_words):
         raise ValueError(f"soc_l: expected {sum(n_words)} rows (one per content word), got {got}")
     use_g, use_l = inject in ("global", "full"), inject in ("local", "full")
+    given = [soc_g is not None and soc_g[b] is not None for b in range(len(items))]
     # Every vector is a row of one table: text embeddings, the [SOC-L], each utterance's
     # [SOC-G], a zero row for padding. A sequence is the rows it reads, with roles and labels.
     n_text = sum(len(it.input_ids) for it in items)
@@ -225,7 +228,7 @@ def insert_social_tokens(items, soc_l, embed, inject="full", padding_side="right
             np.where(j >= it.score_from, it.input_ids, -100),
         )
         at, row, role = [], [], []  # social tokens, inserted before text index `at`
-        if use_g and w:  # [SOC-G] right after BOS
+        if use_g and (w or given[b]):  # [SOC-G] right after BOS
             at, row, role = [1], [soc_g0 + b], [SOC_G]
         if use_l:  # [SOC-L]_p right after t_p, in word order
             at += (it.t_p + 1).tolist()
@@ -246,10 +249,14 @@ def insert_social_tokens(items, soc_l, embed, inject="full", padding_side="right
 
     table = [embed(dev(np.concatenate([it.input_ids for it in items])))]
     if inject != "none":
-        soc_l = soc_l.to(table[0].dtype)
+        soc_l = table[0][:0] if soc_l is None else soc_l.to(table[0].dtype)
         word_item = dev(np.repeat(np.arange(B), n_words))
-        soc_g = soc_l.new_zeros(B, soc_l.shape[1]).index_add(0, word_item, soc_l)
-        table += [soc_l, soc_g / dev(np.maximum(n_words, 1)).to(soc_g)[:, None]]
+        mean = soc_l.new_zeros(B, soc_l.shape[1]).index_add(0, word_item, soc_l)
+        mean = mean / dev(np.maximum(n_words, 1)).to(mean)[:, None]
+        table += [
+            soc_l,
+            torch.stack([soc_g[b].to(m) if given[b] else m for b, m in enumerate(mean)]),
+        ]
     table.append(table[0].new_zeros(1, table[0].shape[1]))
     lb, lt = np.nonzero(labels[:, 1:] != -100)  # position t predicts labels[t + 1]
     return SocialBatch(
@@ -458,22 +465,17 @@ def word_time(span: tuple[int, int], n_chars: int, utt: dict) -> float:
     return min(t, utt["end"])
 
 
-def social_items(tokenizer, utts, words, social, n_chars, soc_g=None):
+def social_items(tokenizer, utts, words, social, n_chars):
     """(items, soc_l [sum w, D] | None, frames [B][w]): utterances as training reads them, their
     nouns and verbs (`words`: PosTagger.tag's; none where social[b] is None) at `word_time`, with
     g(v_j) of the nearest frame; earlier turns (u["context"], prep's words) first, as
-    --task next-utterance reads them. soc_g[b] goes in as the [SOC-L] of BOS (t_p 0), which
-    insert_social_tokens puts right after BOS: [SOC-G]'s place."""
+    --task next-utterance reads them."""
     items, soc_l, frames = [], [], []
     for b, (u, w, s) in enumerate(zip(utts, words, social, strict=True)):
         w = [x | {"t_sec": word_time((x["char_start"], x["char_end"]), n_chars[b], u)} for x in w]
         context = [c if s is not None else {**c, "words": []} for c in u.get("context", ())]
         it = tokenize_utterance(tokenizer, {**u, "words": w if s is not None else []}, context)
         frames.append([nearest_frame(s[1], t) for t in it.word_t])
-        if soc_g is not None and soc_g[b] is not None:
-            soc_l.append(soc_g[b])
-            it = TokenizedUtterance(it.input_ids, it.score_from, np.r_[0, it.t_p],
-                                    np.r_[0.0, it.word_t], it.clip_id)  # fmt: skip
         items.append(it)
         soc_l += [s[0][j] for j in frames[-1]]
     return items, torch.stack(soc_l) if soc_l else None, frames
@@ -503,7 +505,7 @@ def sample_token(logits: torch.Tensor, temperature: float, top_p: float, gen) ->
 @torch.no_grad()
 def decode_social(L, tokenizer, prompts, social=None, tagger=None, max_new_tokens=12,
                   temperature=0.0, top_p=1.0, seed=0, soc_g=None, n_chars=40, stop=(),
-                  lookahead=True, use_cache=True, bias=None) -> list[dict]:  # fmt: skip
+                  lookahead=True, use_cache=True, bias=None, inject="full") -> list[dict]:  # fmt: skip
     """Continue the prompts with L, social tokens inserted as in training, batched (left
     padding) through L's KV cache: the prefix is read once, then each step feeds each sequence
     one embedding, its last token's (Gemma scales it) or a [SOC-L] (unscaled).
@@ -521,6 +523,7 @@ def decode_social(L, tokenizer, prompts, social=None, tagger=None, max_new_token
     and a noun or verb gets g(v_j) of the frame nearest its `word_time` (n_chars: expected
     length) after its last token; the token is sampled again after it. Greedy, or temperature
     and top_p. A row ends at EOS, after max_new_tokens or with a `stop` string in its new text.
+    `inject`: g's trained layout, which tokens go in (global: [SOC-G] only; local: [SOC-L] only).
     use_cache=False re-reads everything each step (tests). bias(prefill batch) -> kwargs of L's
     attention function (evaluate's social-aware bias), with the sequence's `social_roles`,
     which grow here. Returns per prompt {text: the new
@@ -530,23 +533,21 @@ def decode_social(L, tokenizer, prompts, social=None, tagger=None, max_new_token
     B, embed, tagger = len(prompts), L.get_input_embeddings(), tagger or PosTagger()
     social, soc_g = social or [None] * B, list(soc_g or [None] * B)
     n_chars = n_chars if isinstance(n_chars, list | tuple) else [n_chars] * B
+    use_g, use_l = inject in ("global", "full"), inject in ("local", "full")
     for b, (s, p) in enumerate(zip(social, prompts, strict=True)):
-        if soc_g[b] is None and s is not None:  # from the first turn read (context) on
+        if soc_g[b] is None and s is not None and use_g:  # from the first turn read on
             start = min(c["start"] for c in [*p.get("context", ()), p])
             soc_g[b] = s[0][span_frames(s[1], start, p["end"])].mean(0)
     words = tagger.tag(text := [p["text"] for p in prompts])
     checked = [w[-1]["char_start"] if lookahead and w and w[-1]["char_end"] == len(t) else len(t)
                for w, t in zip(words, text, strict=True)]  # fmt: skip  # words decided up to here
     words = [[x for x in w if x["char_end"] <= c] for w, c in zip(words, checked, strict=True)]
-    items, vecs, frames = social_items(tokenizer, prompts, words, social, n_chars, soc_g)
-    batch = insert_social_tokens(items, vecs, embed, "local" if vecs is not None else "none",
-                                 padding_side="left")  # fmt: skip
-    after_bos = torch.roll(batch.roles == BOS, 1, dims=1) & (batch.roles == SOC_L)
-    batch.roles[after_bos] = SOC_G  # soc_g went in as BOS's [SOC-L]: its role is [SOC-G]
+    items, vecs, frames = social_items(tokenizer, prompts, words, social, n_chars)
+    batch = insert_social_tokens(items, vecs, embed, inject, padding_side="left", soc_g=soc_g)
     x, mask, pos = batch.inputs_embeds, batch.attention_mask, batch.position_ids
     seq, extra = x, bias(batch) if bias else {}  # seq: what use_cache=False re-reads
     ids, new, done = [it.input_ids.tolist() for it in items], [[] for _ in range(B)], [False] * B
-    soc_l = [list(zip(it.t_p[len(it.t_p) - len(f) :].tolist(), f, strict=True))
+    soc_l = [list(zip(it.t_p.tolist(), f, strict=True)) if use_l else []
              for it, f in zip(items, frames, strict=True)]  # fmt: skip
     eos = {tokenizer.eos_token_id, *np.atleast_1d(L.generation_config.eos_token_id or [])}
     gen = torch.Generator().manual_seed(seed)
@@ -558,7 +559,7 @@ def decode_social(L, tokenizer, prompts, social=None, tagger=None, max_new_token
                    logits_to_keep=1, **extra, **{name: cache}).logits[:, -1]  # fmt: skip
         cand = sample_token(logits, temperature, top_p, gen).tolist()
         piece = [dec(n + [c])[len(dec(n)) :] for n, c in zip(new, cand, strict=True)]
-        ask = [b for b in range(B) if social[b] is not None and not done[b]
+        ask = [b for b in range(B) if use_l and social[b] is not None and not done[b]
                and len(text[b]) > checked[b] and text[b][-1:].isalnum()
                and (cand[b] in eos or not piece[b][:1].isalnum())]  # fmt: skip
         ahead = [text[b] + (piece[b] if lookahead and cand[b] not in eos else "") for b in ask]

@@ -760,7 +760,7 @@ def example_view(L, tokenizer, g, V, layout, text, images, device) -> tuple[dict
         batch = common.insert_social_tokens([item], soc_l, embed, inject)
         loss[c] = common.token_nll(L, batch).tolist()
         clip = [None if c == "none" else common.clip_social(g, feats, clip_index, "example")]
-        more[c] = common.decode_social(L, tokenizer, [utt], clip, tagger)[0]["text"]
+        more[c] = common.decode_social(L, tokenizer, [utt], clip, tagger, inject=layout)[0]["text"]
     att, heat = run_attention(L, tokenizer, [item], social, layout, 1, 5, device)
     out = {"text": text, "layout": layout, "sequence": att["example"]["tokens"], "frames": n}
     out["content_words"] = [w["text"] for w in words if w["content"]]
@@ -1165,7 +1165,7 @@ def main(argv: list[str] | None = None) -> None:
         decode = partial(run_generate, L, tokenizer, prompts, tagger=tagger,
                          batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                          temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                         stop=(".", "\n"))  # fmt: skip
+                         stop=(".", "\n"), inject=layout)  # fmt: skip
         frames_of = partial(prompt_social, g, feats, clip_index, donors, prompts)
 
     if "generate" in parts:  # ============ decoding with social tokens ============

@@ -155,8 +155,8 @@ def test_decoding_with_the_bias_keeps_the_cache_exact(L, alpha):
 
 
 def test_decoding_marks_soc_g_a_social_key_and_the_summary_takes_any_layout(L):
-    """The prefill's [SOC-G] (fed as BOS's [SOC-L]) is a [SOC-G] key for the bias; the summary
-    reads a bias.json of a g trained with --inject local (decoding rows are `full`)."""
+    """The prefill's [SOC-G] is a [SOC-G] key for the bias (a g trained with --inject local
+    decodes without one); the summary reads a bias.json of such a g (decoding rows: `full`)."""
     tok, seen = tiny_tokenizer(), []
     base = torch.zeros(L.config.num_hidden_layers, L.config.num_attention_heads)
 
@@ -169,6 +169,9 @@ def test_decoding_marks_soc_g_a_social_key_and_the_summary_takes_any_layout(L):
     common.decode_social(L, tok, [prompt("The blue"), prompt("Now the")], social,
                          common.PosTagger(), max_new_tokens=2, bias=bias)  # fmt: skip
     assert (seen[0] == SOC_G).sum(1).tolist() == [1, 0]
+    common.decode_social(L, tok, [prompt("The blue")], social[:1], common.PosTagger(),
+                         max_new_tokens=2, bias=bias, inject="local")  # fmt: skip
+    assert (seen[-1] == SOC_G).sum() == 0  # "blue", the last word, waits: no [SOC-L] yet either
     row = {"ppl": 3.0, "ci95": [2.0, 4.0]}
     acc = {"accuracy": {"actor": 0.5, "action": 0.25, "target": 0.0, "all": 0.0}}
     report = {"alpha": 1.0, "val_ppl_by_alpha": {"1.0": 3.0}, "attention": {},

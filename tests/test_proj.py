@@ -179,6 +179,22 @@ def test_insert_layout_and_labels(tokenizer):
         assert len(batch.loss_pos) == int((batch.labels != -100).sum())
 
 
+def test_insert_takes_a_given_soc_g(tokenizer):
+    """soc_g[b] (decoding's [SOC-G]) replaces item b's mean and goes in even without content
+    words; None keeps the mean; `local` leaves it out."""
+    items = [common.tokenize_utterance(tokenizer, u) for u in (U_SUBWORD_END, U_NONE, U_SEVERAL)]
+    embed, soc_l = tiny_gemma().get_input_embeddings(), torch.randn(5, 32)
+    given = [torch.full((32,), 7.0), torch.full((32,), 9.0), None]
+    batch = common.insert_social_tokens(items, soc_l, embed, "full", soc_g=given)
+    roles, x = batch.roles, batch.inputs_embeds
+    assert (roles == SOC_G).sum(1).tolist() == [1, 1, 1] and (roles[:, 1] == SOC_G).all()
+    assert torch.equal(x[0, 1], given[0]) and torch.equal(x[1, 1], given[1])
+    assert torch.allclose(x[2, 1], soc_l[2:].mean(0))
+    assert torch.equal(x[roles == SOC_L], soc_l)
+    local = common.insert_social_tokens(items, soc_l, embed, "local", soc_g=given)
+    assert (local.roles == SOC_G).sum() == 0
+
+
 def test_inject_modes_layout(tokenizer):
     item = common.tokenize_utterance(tokenizer, U_SUBWORD_END)
     embed = tiny_gemma().get_input_embeddings()

@@ -320,7 +320,10 @@ def load_lm(name: str = EMBEDDED_LM, device="cpu", dtype=None, attn_implementati
             raise
         print0(f"load_lm: {name} has no SDPA attention in transformers; using eager")
         L = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="eager")
-    return L.requires_grad_(False).eval().to(device), AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if name == EMBEDDED_LM:
+        check_embedded_tokenizer(tokenizer, path)
+    return L.requires_grad_(False).eval().to(device), tokenizer
 
 
 def embedded_lm_path() -> Path:
@@ -332,7 +335,6 @@ def embedded_lm_path() -> Path:
     final = cache_root() / f"{EMBEDDED_LM}-{gguf.stat().st_size}"
     if (final / "model.safetensors").exists():
         return final
-    import transformers
     from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -341,11 +343,7 @@ def embedded_lm_path() -> Path:
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache serves every user
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        ids = tokenizer("The green man waves.")["input_ids"]  # <bos> and 5 pieces
-        if ids[0] != tokenizer.bos_token_id or len(ids) > 6:  # it would ruin every perplexity
-            raise RuntimeError(f"{gguf}: transformers {transformers.__version__} converts its "
-                               f"tokenizer wrongly ({len(ids)} ids for 'The green man waves.', "
-                               "expected <bos> + 5): the embedded Gemma needs transformers >= 5.23")  # fmt: skip
+        check_embedded_tokenizer(tokenizer, gguf)
         tokenizer.save_pretrained(tmp)
         L = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
         config = L.config.to_dict() | {"dtype": "float32"}
@@ -360,6 +358,19 @@ def embedded_lm_path() -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def check_embedded_tokenizer(tokenizer, where) -> None:
+    """transformers < 5.23 converts the GGUF's tokenizer without <bos> (5.17: without its merges
+    too), which silently ruins every perplexity: stop instead."""
+    import transformers
+
+    ids = tokenizer("The green man waves.")["input_ids"]  # <bos> and 5 pieces
+    if ids[0] != tokenizer.bos_token_id or len(ids) > 6:
+        raise RuntimeError(f"{where}: a tokenizer converted wrongly from the GGUF ({len(ids)} ids "
+                           "for 'The green man waves.', expected <bos> + 5): the embedded Gemma "
+                           f"needs transformers >= 5.23 (here {transformers.__version__}; delete a "
+                           "cache an older one made)")  # fmt: skip
 
 
 def compile_lm(L) -> None:
@@ -822,8 +833,9 @@ class PosTagger:
         import spacy
 
         try:
-            # POS needs tok2vec, tagger, attribute_ruler: without the rest a call is ~3x faster
-            return spacy.load(self.model, exclude=["parser", "ner", "lemmatizer"])
+            # POS needs tok2vec, tagger, the parser (attribute_ruler reads its DEP: main-verb
+            # "have", "do", "be") and attribute_ruler; NER and lemmas are left out
+            return spacy.load(self.model, exclude=["ner", "lemmatizer"])
         except OSError as e:
             raise RuntimeError(
                 f"spaCy model '{self.model}' is not installed (pip install it, or pass "

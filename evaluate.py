@@ -610,7 +610,7 @@ def summary_markdown(ppl=None, attention=None, rsa=None, encoder_probe=None, log
             "condition", "perplexity (95% CI)", "with − without (95% CI)", "actor", "action", "all"
         )
         for c, r in bias["conditions"].items():
-            d = r.get("minus_unbiased")  # decoding rows are `full`, whatever g's layout
+            d = r.get("minus_unbiased")  # decoding rows are named `full`: g's layout
             cells = [f"{r['ppl']:.2f} {ci(r['ci95'])}" if "ppl" in r else "—"]
             cells.append(f"{d['ppl']:+.2f} {ci(d['ci95'])}" if d else "—")
             acc = r.get("accuracy", {}).get("accuracy", {})
@@ -1171,7 +1171,8 @@ def main(argv: list[str] | None = None) -> None:
     if "generate" in parts:  # ============ decoding with social tokens ============
         t0 = time.perf_counter()
         for c in (c for c in ("none", "full", "shuffled") if c in conditions):
-            for two in (False, True) if args.two_pass and c != "none" else (False,):
+            two_pass = args.two_pass and c != "none" and layout in ("global", "full")
+            for two in (False, True) if two_pass else (False,):  # [SOC-G] in g's layout
                 gens[c + "/two-pass" * two] = decode(frames_of(c), two_pass=two)
         seconds, texts = time.perf_counter() - t0, [r["text"] for o in gens.values() for r in o]
         new = sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])

@@ -66,7 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--bn-head", action="store_true", help="BatchNorm in the head (DINO's use_bn_in_head)")
     add("--freeze-blocks", type=int, default=0, help="freeze patch embed + first K blocks")
     add("--compile", action="store_true", help="torch.compile networks, crops, loss")
-    add("--fp8", action="store_true", help="float8 matmuls in the student's V (needs torchao)")
+    add("--fp8", action="store_true", help="float8 matmuls in V (torchao; widths: multiples of 16)")
     # optimisation
     add("--lr", type=float, default=5e-4, help="peak LR per 256 frames (scaled)")
     add("--min-lr", type=float, default=1e-6, help="LR at the end of the cosine")

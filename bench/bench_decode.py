@@ -54,7 +54,12 @@ def main() -> None:
             social = ev.prompt_social(g, feats.to(device), clip_index, None, prompts, "full")
             social = [(s.to(L.dtype), t) for s, t in social]
             for bs in map(int, args.batch_size):
-                kw = dict(batch_size=bs, max_new_tokens=args.max_new_tokens, stop=(".", "\n"))
+                kw = dict(
+                    batch_size=bs,
+                    max_new_tokens=args.max_new_tokens,
+                    stop=(".", "\n"),
+                    inject=cfg["inject"],
+                )
                 ev.run_generate(L, tokenizer, prompts[:bs], social[:bs], tagger, **kw)  # warm-up
                 common.sync(device)
                 t0 = time.perf_counter()

@@ -69,7 +69,7 @@ def main() -> None:
             nll[cond] = np.full((len(items), len(SLOTS)), np.nan)
             for lo in range(0, len(items), 16):
                 part = items[lo : lo + 16]
-                inject, soc_l = social(part, cond)
+                inject, soc_l = social(part, cfg["inject"] if cond == "full" else cond)
                 batch = common.insert_social_tokens(part, soc_l, L.get_input_embeddings(), inject)
                 x, rows = common.token_nll(L, batch).numpy(), batch.loss_row.numpy()
                 for r in range(len(part)):

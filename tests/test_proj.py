@@ -104,9 +104,10 @@ def render(batch: common.SocialBatch, items, tokenizer) -> list[list[str]]:
 # --------------------------------------------------------------------------------------------
 
 
-def test_embedded_tokenizer_is_checked_at_conversion(tokenizer, tmp_path, monkeypatch):
-    """transformers 5.17-5.22 convert the GGUF's tokenizer without <bos> (5.17: without merges):
-    the conversion stops with the version instead of caching a tokenizer that ruins perplexity."""
+def test_embedded_tokenizer_is_checked_at_conversion_and_load(tokenizer, tmp_path, monkeypatch):
+    """transformers 5.17-5.22 convert the GGUF's tokenizer without <bos> (5.17: without merges): the
+    conversion stops with the version instead of caching a tokenizer that ruins perplexity, and
+    load_lm refuses such a cache."""
     assert tokenizer("The green man waves.")["input_ids"][0] == tokenizer.bos_token_id
     import transformers
 
@@ -118,9 +119,16 @@ def test_embedded_tokenizer_is_checked_at_conversion(tokenizer, tmp_path, monkey
 
     monkeypatch.setenv("SOCIAL_TOKENS_CACHE", str(tmp_path))
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: NoBos())
-    with pytest.raises(RuntimeError, match="converts its tokenizer wrongly.*>= 5.23"):
+    with pytest.raises(RuntimeError, match="converted wrongly.*>= 5.23"):
         common.embedded_lm_path()
     assert list(tmp_path.iterdir()) == []  # no half-made cache left behind
+    # a cache an older transformers made is refused when loaded
+    monkeypatch.setattr(common, "embedded_lm_path", lambda: tmp_path)
+    monkeypatch.setattr(
+        transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: tiny_gemma()
+    )
+    with pytest.raises(RuntimeError, match=f"{tmp_path}: a tokenizer converted wrongly"):
+        common.load_lm()
 
 
 def test_tokenize_finds_last_subword_token(tokenizer):

@@ -3,7 +3,7 @@ actor kind, verb and target colour (demo.py's vocabulary) under none / full / sh
 conditions and derangement of evaluate.py's perplexity, with 95% bootstrap intervals of
 shuffled − full over utterances. Chance for a colour is ln 6 = 1.79 nats.
 
-  python bench/slot_nll.py --data data/demo --projector out/demo/proj
+  python bench/slot_nll.py --data data/demo --projector out/demo/proj [--by-first-word]
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ def main() -> None:
     p.add_argument("--projector", type=Path, required=True, help="train_proj.py --out")
     p.add_argument("--split", default="test", help="held-out split")
     p.add_argument("--seed", type=int, default=0, help="the derangement's and bootstrap's seed")
+    p.add_argument("--by-first-word", action="store_true", help="a table per first word too")
     args = p.parse_args()
     g, cfg = ev.load_projector(args.projector, "cpu")
     if cfg.get("task", "utterance") != "utterance":
@@ -79,17 +80,24 @@ def main() -> None:
                     for k, name in enumerate(SLOTS):
                         if (s == name).any():
                             nll[cond][lo + r, k] = x[rows == r][s == name].mean()
-    rng = np.random.default_rng(args.seed)
-    print(f"{args.split} split, {len(items)} utterances; mean NLL per token (nats)\n")
-    print(
-        "| slot | n | none | full | shuffled | shuffled − full (95% CI) |\n|---|---|---|---|---|---|"
-    )
+    first = np.array([tokenizer.decode(it.input_ids[it.score_from :][:1]).strip() for it in items])
+    groups = {"all": np.ones(len(items), bool)}
+    if args.by_first_word:  # the demo's templates: "Look, the …", "Now the …", "The …"
+        groups.update({f'"{w} …"': first == w for w in np.unique(first)})
+    for label, sel in groups.items():
+        print(f"\n{args.split} split, {label}: {sel.sum()} utterances; mean NLL per token (nats)\n")
+        print_table({c: x[sel] for c, x in nll.items()}, np.random.default_rng(args.seed))
+
+
+def print_table(nll: dict, rng: np.random.Generator) -> None:
+    print("| slot | n | none | full | shuffled | shuffled − full (95% CI) |")
+    print("|---|---|---|---|---|---|")
     for k, name in enumerate(SLOTS):
         ok = ~np.isnan(nll["full"][:, k])
         d = nll["shuffled"][ok, k] - nll["full"][ok, k]
         boot = [d[rng.integers(0, len(d), len(d))].mean() for _ in range(2000)]
         lo, hi = np.percentile(boot, [2.5, 97.5])
-        means = " | ".join(f"{np.nanmean(nll[c][:, k]):.2f}" for c in nll)
+        means = " | ".join(f"{np.nanmean(nll[c][ok, k]):.2f}" for c in nll)
         print(f"| {name} | {ok.sum()} | {means} | {d.mean():+.2f} [{lo:+.2f}, {hi:+.2f}] |")
 
 

@@ -253,10 +253,8 @@ def insert_social_tokens(items, soc_l, embed, inject="full", padding_side="right
         word_item = dev(np.repeat(np.arange(B), n_words))
         mean = soc_l.new_zeros(B, soc_l.shape[1]).index_add(0, word_item, soc_l)
         mean = mean / dev(np.maximum(n_words, 1)).to(mean)[:, None]
-        table += [
-            soc_l,
-            torch.stack([soc_g[b].to(m) if given[b] else m for b, m in enumerate(mean)]),
-        ]
+        glob = torch.stack([soc_g[b].to(m) if given[b] else m for b, m in enumerate(mean)])
+        table += [soc_l, glob]  # [SOC-G]: the mean of the [SOC-L], or the one given
     table.append(table[0].new_zeros(1, table[0].shape[1]))
     lb, lt = np.nonzero(labels[:, 1:] != -100)  # position t predicts labels[t + 1]
     return SocialBatch(

@@ -116,6 +116,11 @@ def derangement(n: int, seed: int) -> np.ndarray:
     return perm
 
 
+def shuffle_donors(clips: list[str], seed: int) -> dict[str, str]:
+    """`shuffled`'s donor of each clip: another clip, by derangement(len(clips), seed)."""
+    return {c: clips[k] for c, k in zip(clips, derangement(len(clips), seed), strict=True)}
+
+
 def social_vectors(g, feats, clip_index, layout, donors, items, condition):
     """(inject, soc_l) for insert_social_tokens: soc_l = g(v_j), v_j = feats[frame nearest each
     content word] of its own clip, of the donor clip (`shuffled`), or 0 (`zero`). The controls
@@ -1094,8 +1099,7 @@ def main(argv: list[str] | None = None) -> None:
     if {"ppl", "generate", "bias"} & set(parts) and "shuffled" in conditions:
         clips = sorted({it.clip_id for it in items if len(it.t_p)})
         try:
-            perm = derangement(len(clips), args.seed)
-            donors = {c: clips[k] for c, k in zip(clips, perm, strict=True)}
+            donors = shuffle_donors(clips, args.seed)
         except ValueError as e:
             raise SystemExit(f"{args.data}, split {args.split!r}: {e}") from None
     if "rsa" in parts:

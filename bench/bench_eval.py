@@ -114,10 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     items, clip_index = random_items(args, L.config.vocab_size)
     g = common.Projector(args.cls_dim, L.config.hidden_size).to(device).eval()
     feats = torch.randn(30 * len(clip_index), args.cls_dim, device=device)  # v_j of every frame
-    clips = list(clip_index)
-    donors = dict(
-        zip(clips, [clips[k] for k in ev.derangement(len(clips), args.seed)], strict=True)
-    )
+    donors = ev.shuffle_donors(list(clip_index), args.seed)
     social = partial(ev.social_vectors, g, feats, clip_index, "full", donors)
     conditions = [c for c in args.conditions.split(",") if c]
 

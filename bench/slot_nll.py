@@ -58,10 +58,7 @@ def main() -> None:
     clip_index = common.clip_frame_index(common.read_manifest(args.data))
     utts = common.read_utterances(args.data, args.split)
     items, _ = common.tokenize_split(utts, tokenizer, clip_index, "utterance", 0, cfg["max_len"])
-    clips = sorted({it.clip_id for it in items if len(it.t_p)})
-    donors = {
-        c: clips[k] for c, k in zip(clips, ev.derangement(len(clips), args.seed), strict=True)
-    }
+    donors = ev.shuffle_donors(sorted({it.clip_id for it in items if len(it.t_p)}), args.seed)
     social = partial(ev.social_vectors, g, feats, clip_index, cfg["inject"], donors)
     slots = [np.array(token_slots(tokenizer, it)) for it in items]
     nll = {}  # condition -> [utterance, slot] mean NLL (nan: no such token)

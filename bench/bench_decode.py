@@ -43,8 +43,12 @@ def main() -> None:
     V, _ = common.load_encoder(cfg["encoder"], device)
     feats = common.cached_features(V, args.data, common.open_frames(args.data), device, 64)
     clip_index = common.clip_frame_index(common.read_manifest(args.data))
-    utts = common.read_utterances(args.data, args.split)[: args.prompts]
-    prompts, tagger = [ev.prompt_of(u, 2) for u in utts], common.PosTagger()
+    utts = common.read_utterances(args.data, args.split)
+    turns = cfg["context_turns"] if cfg.get("task") == "next-utterance" else 0
+    context = ev.earlier_turns(utts, turns)  # as evaluate reads the prompts
+    pairs = list(zip(utts, context, strict=True))[: args.prompts]
+    prompts = [ev.prompt_of(u, 2, c) for u, c in pairs]
+    tagger = common.PosTagger()
     rows = []
     for dtype in args.lm_dtype:
         L, tokenizer = common.load_lm(

@@ -46,8 +46,7 @@ def main() -> None:
     utts = common.read_utterances(args.data, args.split)
     turns = cfg["context_turns"] if cfg.get("task") == "next-utterance" else 0
     context = ev.earlier_turns(utts, turns)  # as evaluate reads the prompts
-    pairs = list(zip(utts, context, strict=True))[: args.prompts]
-    prompts = [ev.prompt_of(u, 2, c) for u, c in pairs]
+    prompts = [ev.prompt_of(u, 2, c) for u, c in zip(utts, context, strict=True)][: args.prompts]
     tagger = common.PosTagger()
     rows = []
     for dtype in args.lm_dtype:

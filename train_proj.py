@@ -259,7 +259,6 @@ def train_proj(args: argparse.Namespace):
             V.load_state_dict(ckpt["V"])
         optimizer.load_state_dict(ckpt["optimizer"])
         step = int(ckpt["step"])
-        common.trim_metrics(args.out, step)
         common.print0(f"train_proj: resumed from {ckpt_path} at step {step}")
     else:  # where g starts from: the reference for every later validation
         common.log_metrics(args.out, {"step": 0, "epoch": 0.0, **validate()})

@@ -536,7 +536,7 @@ def test_resume_equals_uninterrupted(tiny_data, tmp_path, monkeypatch):
     monkeypatch.setattr(common, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         train_dino.train_dino(args_for(tiny_data, tmp_path / "b", *flags))
-    assert common.load_checkpoint(tmp_path / "b" / "checkpoint.pt")["step"] == 3
+    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["step"] == 3
     monkeypatch.setattr(common, "save_checkpoint", real_save)
     resumed = train_dino.train_dino(args_for(tiny_data, tmp_path / "b", *flags))
     assert whole["step"] == resumed["step"] == 6
@@ -550,7 +550,7 @@ def test_resume_equals_uninterrupted(tiny_data, tmp_path, monkeypatch):
     eb = common.load_encoder(tmp_path / "b")[0].state_dict()
     assert all(torch.equal(ea[k], eb[k]) for k in ea)
     # the checkpoint on disk is the state returned
-    disk = common.load_checkpoint(tmp_path / "b" / "checkpoint.pt")
+    disk = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
     assert all(torch.equal(disk["teacher"][k], v) for k, v in resumed["teacher"].items())
     # the logged losses, before and after the interruption, are those of the uninterrupted run
     la, lb = metrics(tmp_path / "a"), metrics(tmp_path / "b")
@@ -563,11 +563,11 @@ def test_resume_refuses_a_checkpoint_of_other_identity_flags(tiny_data, tmp_path
     for flag, value in [("--out-dim", "64"), ("--local-crops", "3"), ("--depth", "1")]:
         with pytest.raises(SystemExit, match=f"made with {flag} .*use another --out"):
             train_dino.train_dino(args_for(tiny_data, tmp_path, "--steps", "4", flag, value))
-    assert common.load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 2  # untouched
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 2  # untouched
     # other flags (here more steps, another LR) continue the run from its checkpoint
     train_dino.train_dino(args_for(tiny_data, tmp_path, "--steps", "4", "--lr", "1e-4"))
     assert [r["step"] for r in metrics(tmp_path)] == [1, 2, 3, 4]
-    assert common.load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 4
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 4
 
 
 @pytest.mark.parametrize("log_every", ["1", "5"])
@@ -594,7 +594,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(
     ):
         train_dino.train_dino(args)
     assert calls["n"] == 4  # stopped at step 4, not later
-    state = common.load_checkpoint(ckpt)
+    state = torch.load(ckpt, weights_only=True)
     assert state["step"] == 2
     assert all(torch.isfinite(v).all() for v in state["student"].values())
     assert not (tmp_path / "encoder.safetensors").exists()

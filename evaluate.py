@@ -6,15 +6,15 @@
     frames). Visual gain = shuffled - that layout. exp(sum NLL / sum tokens); 95% bootstrap CIs
     resample utterances, the same resamples for every condition (paired differences).
   * Attention of text queries to [SOC-G], [SOC-L], BOS and text per layer and head, against zero
-    vectors at the same positions; the heads that attend most to social tokens.
+    vectors at the same positions, and the heads that attend most to social tokens; the logit
+    lens at the social tokens; two projectors compared.
   * RSA against human similarity (--index, --sim-rsm, --pool) or odd-one-out triplets: Spearman
     rho of pooled hidden states' correlations, permutation p, bootstrap CI, the layer prespecified
     (--layer) or chosen on half of the items and reported on the other half.
+  * Decoding with social tokens: does L say who does what to whom; one example beside its frames.
+  * A training-free social-aware attention bias (seed 002): log(1 + α·s) on the text-to-[SOC-*]
+    logits of heads selected per input, with and without.
   * The encoder probe: a linear probe of V's [CLS] for who does what to whom, before and after DINO.
-  * Decoding with social tokens (who does what to whom, parsed on the demo); the logit lens; one
-    example beside its frames; two projectors compared.
-  * A training-free social-aware attention bias (seed 002): heads selected per input, log(1 + α·s)
-    on text-to-[SOC-*] logits, with and without.
 
 Writes OUT/eval/{ppl,attention,rsa,encoder_probe,generate,bias,...}.json, summary.md and plots:
   python evaluate.py --data data/demo --projector out/proj --out out
@@ -61,6 +61,7 @@ def floats(text: str) -> list[float]:
 def get_args_parser() -> argparse.ArgumentParser:
     doc = argparse.RawDescriptionHelpFormatter
     p = argparse.ArgumentParser("evaluate.py", description=__doc__, formatter_class=doc)
+    # inputs: the data, g (and the V and L it names), the parts to run
     p.add_argument("--data", type=Path, help="prep.py output (manifest.csv, frames.npy, ...)")
     p.add_argument("--out", type=Path, default=Path("out"), help="results go to OUT/eval/")
     p.add_argument("--projector", type=Path, help="train_proj.py --out (without it: L alone)")
@@ -69,6 +70,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--lm-dtype", default="auto", choices=DTYPES, help="auto: g's (projector.json)")
     p.add_argument("--what", type=comma_list, help="ppl,attention,rsa (default: those given)")
     p.add_argument("--split", default="val", help="held-out split to evaluate (val or test)")
+    # perplexity and its intervals
     p.add_argument("--conditions", type=comma_list, default=list(CONDITIONS), help="of %(default)s")
     p.add_argument("--steps", type=int, default=0, help="perplexity on N random batches (0: all)")
     p.add_argument("--batch-size", type=int, default=16, help="utterances per forward pass")
@@ -78,11 +80,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="torch.compile L's layers and loss")
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the CIs")
     p.add_argument("--permutations", type=int, default=5000, help="permutations for RSA's p-value")
+    # attention, the logit lens, two projectors
     p.add_argument("--attention-examples", type=int, default=64, help="utterances averaged")
     p.add_argument("--top-heads", type=int, default=10, help="heads listed by social attention")
     p.add_argument("--lens-examples", type=int, default=16, help="utterances in the logit lens")
     p.add_argument("--top-k", type=int, default=5, help="tokens per layer in the logit lens")
     p.add_argument("--compare", type=Path, help="another train_proj.py --out: cosine of [SOC-L]")
+    # decoding with social tokens; the attention bias (its alpha chosen on val)
     p.add_argument("--prompt-words", type=int, default=2, help="decoding: prompt = first N words")
     p.add_argument("--max-new-tokens", type=int, default=12, help="decoding: tokens per prompt")
     p.add_argument("--temperature", type=float, default=0.0, help="decoding: 0 is greedy")
@@ -91,8 +95,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--bias-alpha", type=floats, default=[1.0, 4.0, 16.0], help="chosen on val")
     p.add_argument("--bias-margin", type=float, default=0.0, help="bias: share over zero's")
     p.add_argument("--bias-topk", type=int, default=0, help="bias: top-k heads a layer instead")
+    # one example beside its frames
     p.add_argument("--text", help="one example: a sentence (its nouns and verbs get frames)")
     p.add_argument("--frame", type=Path, nargs="+", help="one example: image(s), one per word")
+    # RSA
     p.add_argument("--index", type=Path, help="RSA items CSV: item_id,clip_id,text")
     p.add_argument("--sim-rsm", type=Path, help="human similarity CSV: item_id, a column an id")
     p.add_argument("--triplets", type=Path, help="odd-one-out CSV: item_a,item_b,item_c,odd")
@@ -105,8 +111,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 # ============ conditions: none, global, local, full and the controls zero, shuffled ============
 def derangement(n: int, seed: int) -> np.ndarray:
-    """A uniformly random permutation of range(n) without fixed point (rejection sampling, ~e
-    draws): clip i takes its frames from clip perm[i] != i in the `shuffled` control."""
+    """A uniformly random permutation of range(n) without fixed point (rejection, ~e draws): in
+    the `shuffled` control clip i takes its frames from clip perm[i] != i."""
     if n < 2:
         raise ValueError(f"the shuffled control needs at least 2 held-out clips with content "
                          f"words, got {n} (leave `shuffled` out of --conditions)")  # fmt: skip
@@ -122,9 +128,9 @@ def shuffle_donors(clips: list[str], seed: int) -> dict[str, str]:
 
 
 def social_vectors(g, feats, clip_index, layout, donors, items, condition):
-    """(inject, soc_l) for insert_social_tokens: soc_l = g(v_j), v_j = feats[frame nearest each
-    content word] of its own clip, of the donor clip (`shuffled`), or 0 (`zero`). The controls
-    take g's trained `layout`, so they sit where the real vectors sit."""
+    """(inject, soc_l) for insert_social_tokens: soc_l = g(v_j), v_j = V's [CLS] of the frame
+    nearest each content word, in the item's clip, its donor clip (`shuffled`) or 0 (`zero`);
+    the controls take g's trained `layout`, so they sit where the real vectors sit."""
     if condition == "none":
         return "none", None
     inject = layout if condition in ("zero", "shuffled") else condition
@@ -138,6 +144,19 @@ def social_vectors(g, feats, clip_index, layout, donors, items, condition):
     return inject, g(feats[torch.from_numpy(np.concatenate(rows)).to(feats.device)])
 
 
+def forward(L, items, social, condition, batch_size, device, extra=None, **flags):
+    """(batch, extra(batch), L's output) per batch of `items` with the social tokens of `condition`;
+    extra(batch) -> more kwargs of L (the bias's)."""
+    for s in range(0, len(items), batch_size):
+        part = items[s : s + batch_size]
+        with common.autocast(device):
+            inject, soc_l = social(part, condition)
+            batch = common.insert_social_tokens(part, soc_l, L.get_input_embeddings(), inject)
+            kw = extra(batch) if extra else {}
+            out = common.lm_forward(L, batch, **flags, **kw)
+        yield batch, kw, out
+
+
 # ============ perplexity with intervals ============
 def perplexity(nll_sum, tokens) -> float:
     """exp(sum NLL / sum tokens): the ratio of sums, not a mean of per-utterance ratios."""
@@ -145,8 +164,8 @@ def perplexity(nll_sum, tokens) -> float:
 
 
 def bootstrap_ratio(num: np.ndarray, den: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
-    """sum num / sum den over resampled utterances, num and den [C conditions, n] -> [C, n_boot]
-    (exp of it: perplexity); column b of every row resamples the same utterances: paired."""
+    """sum num / sum den over resampled utterances, [C, n] each -> [C, n_boot]; column b of every
+    row resamples the same utterances, so differences of rows are paired."""
     num, den = np.atleast_2d(num).astype(np.float64), np.atleast_2d(den).astype(np.float64)
     n, rng, out = num.shape[1], np.random.default_rng(seed), np.empty((num.shape[0], n_boot))
     for start in range(0, n_boot, 256):  # chunks keep the [chunk, n] counts small
@@ -161,29 +180,28 @@ def percentile_ci(samples: np.ndarray, level: float = 0.95) -> list[float]:
     return [float(x) for x in np.percentile(samples, [100 * a, 100 * (1 - a)])]
 
 
+def paired(point: dict, boot: dict, a, b, key: str) -> dict:
+    """a - b, with the 95% CI of the difference over the same resamples of utterances."""
+    return {key: float(point[a] - point[b]), "ci95": percentile_ci(boot[a] - boot[b])}
+
+
 def ppl_report(nll: dict, tokens: dict, n_boot: int, seed: int, layout: str = "full") -> dict:
     """ppl.json's body from per-utterance nll[c], tokens[c] (the same utterances for every c):
     ppl, CI, paired difference to none; the controls and the visual gain against g's `layout`."""
     names = list(nll)
     stacked = np.stack([nll[c] for c in names]), np.stack([tokens[c] for c in names])
-    boot = np.exp(bootstrap_ratio(*stacked, n_boot, seed))
-    point = {c: perplexity(nll[c], tokens[c]) for c in names}
-
-    def minus(a: str, b: str) -> dict:  # paired: the same resamples of utterances
-        diff = boot[names.index(a)] - boot[names.index(b)]
-        return {"ppl": point[a] - point[b], "ci95": percentile_ci(diff)}
-
-    conds = {}
-    for c, b in zip(names, boot, strict=True):
-        conds[c] = dict(ppl=point[c], ci95=percentile_ci(b), tokens=int(np.sum(tokens[c])),
+    boot = dict(zip(names, np.exp(bootstrap_ratio(*stacked, n_boot, seed)), strict=True))
+    point, conds = {c: perplexity(nll[c], tokens[c]) for c in names}, {}
+    for c in names:
+        conds[c] = dict(ppl=point[c], ci95=percentile_ci(boot[c]), tokens=int(np.sum(tokens[c])),
                         utterances=len(nll[c]))  # fmt: skip
         if "none" in names and c != "none":
-            conds[c]["minus_none"] = minus(c, "none")
+            conds[c]["minus_none"] = paired(point, boot, c, "none", "ppl")
         plain = c.removesuffix("+bias")  # a control with the bias against the layout with it
         if plain in ("zero", "shuffled") and (ref := layout + c[len(plain) :]) in names:
-            conds[c]["minus_layout"] = {**minus(c, ref), "against": ref}
+            conds[c]["minus_layout"] = {**paired(point, boot, c, ref, "ppl"), "against": ref}
         if c != plain and plain in names:
-            conds[c]["minus_unbiased"] = minus(c, plain)
+            conds[c]["minus_unbiased"] = paired(point, boot, c, plain, "ppl")
     if "shuffled" in names and layout in names:  # the visual gain: shuffled - trained layout
         return {"conditions": conds, "visual_gain": conds["shuffled"]["minus_layout"]}
     return {"conditions": conds}
@@ -201,10 +219,9 @@ def length_batches(items, batch_size: int, steps: int = 0, seed: int = 0) -> lis
 
 @torch.no_grad()
 def run_ppl(L, items, batches, conditions, social, device, compiled=False, bias=None):
-    """(nll, tokens, seconds): per condition, the summed NLL and scored tokens of the utterances
-    in `batches`, in item order, from `common.token_nll` (train_proj's loss); social(items,
-    condition) -> (inject, soc_l); bias(batch) -> L's kwargs (bias_kwargs). Sums stay on L's
-    device: no host sync per batch."""
+    """(nll, tokens, seconds): per condition, each utterance's summed NLL (train_proj's loss
+    `token_nll`) and scored tokens, in item order; bias(batch) -> L's kwargs. The sums stay on
+    L's device: no host sync per batch."""
     from tqdm import tqdm
 
     sums = torch.zeros(2, len(conditions), len(items), dtype=torch.float64, device=device)
@@ -237,52 +254,46 @@ def attention_mass(attn: torch.Tensor, key_group: torch.Tensor) -> torch.Tensor:
 
 
 def attention_share_sums(attentions, group: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """([L, H, 4] group mass summed over the text queries, number of text queries): text queries
-    are what L reads while predicting words; divide to get shares."""
+    """([layers, H, 4] group mass summed over the text queries, their number): the text queries
+    are what L reads while it predicts words."""
     query = (group == TEXT).float()  # [B, T]
     mass = [torch.einsum("bhqg,bq->hg", attention_mass(a, group), query) for a in attentions]
     return torch.stack(mass).cpu(), int(query.sum().item())
 
 
 def received_attention(attentions, group: torch.Tensor) -> torch.Tensor:
-    """[L, T] attention each key of ONE example receives, mean over heads and text queries."""
+    """[layers, T] attention each key of ONE example receives, mean over heads and text queries."""
     query = group[0] == TEXT
     return torch.stack([a[0][:, query].float().mean(dim=(0, 1)) for a in attentions]).cpu()
 
 
 def top_heads(shares: np.ndarray, baseline: np.ndarray, k: int) -> list[dict]:
-    """The k (layer, head) whose text queries give most mass to [SOC-G] + [SOC-L] (shares [L, H,
-    4]); `excess` over the zero-vector baseline is what position does not explain."""
+    """The k (layer, head) whose text queries give most mass to [SOC-G] + [SOC-L] (shares [layers,
+    H, 4]); `excess` over the zero-vector baseline is what position does not explain."""
     social = shares[..., SOC_G] + shares[..., SOC_L]
     base = baseline[..., SOC_G] + baseline[..., SOC_L]
-    heads, order = [], np.argsort(-social, axis=None, kind="stable")[:k]
-    for layer, head in zip(*np.unravel_index(order, social.shape), strict=True):
-        s, b = float(social[layer, head]), float(base[layer, head])
-        heads.append(dict(layer=int(layer), head=int(head), social_share=s, zero_baseline=b,
-                          excess=s - b))  # fmt: skip
-    return heads
+    order = np.unravel_index(np.argsort(-social, axis=None, kind="stable")[:k], social.shape)
+    return [dict(layer=int(i), head=int(h), social_share=float(social[i, h]),
+                 zero_baseline=float(base[i, h]), excess=float(social[i, h]) - float(base[i, h]))
+            for i, h in zip(*order, strict=True)]  # fmt: skip
 
 
 @torch.no_grad()
 def run_attention(L, tokenizer, items, social, layout, batch_size, top_k, device):
-    """(attention.json's body, heatmaps of items[0]) with real vectors in g's layout and zero
+    """(attention.json's body, heatmaps of items[0]) with g's vectors in its layout and zero
     vectors at the same positions. Eager attention: the one that returns the probabilities."""
-    sums, rows, heat, embed = {}, {}, {}, L.get_input_embeddings()
+    sums, rows, heat = {}, {}, {}
     before = L.config._attn_implementation
     L.set_attn_implementation("eager")
     try:
-        for s in range(0, len(items), batch_size):
-            part = items[s : s + batch_size]
-            for c in (layout, "zero"):
-                with common.autocast(device):
-                    inject, soc_l = social(part, c)
-                    batch = common.insert_social_tokens(part, soc_l, embed, inject)
-                    attn = common.lm_forward(L, batch, output_attentions=True).attentions
-                sm, n = attention_share_sums(attn, batch.roles)
+        for c in (layout, "zero"):
+            batches = forward(L, items, social, c, batch_size, device, output_attentions=True)
+            for k, (batch, _, out) in enumerate(batches):
+                sm, n = attention_share_sums(out.attentions, batch.roles)
                 sums[c], rows[c] = sums.get(c, 0.0) + sm, rows.get(c, 0) + n
-                if s == 0:  # the heatmap of the first item, padding dropped
+                if k == 0:  # the heatmap of the first item, padding dropped
                     real = batch.roles[0] != PAD
-                    one = [a[:1][..., real][..., real, :] for a in attn]
+                    one = [a[:1][..., real][..., real, :] for a in out.attentions]
                     heat[c] = received_attention(one, batch.roles[:1, real]).numpy()
                     roles = batch.roles[0][real].tolist()
     finally:
@@ -290,7 +301,7 @@ def run_attention(L, tokenizer, items, social, layout, batch_size, top_k, device
     text = iter(tokenizer.convert_ids_to_tokens(items[0].input_ids.tolist()))
     tokens = [{SOC_G: "[SOC-G]", SOC_L: "[SOC-L]"}.get(r) or next(text) for r in roles]
     shares, conds = {c: (sums[c] / rows[c]).numpy() for c in rows}, {}
-    for c, sh in shares.items():  # sh [L, H, 4]
+    for c, sh in shares.items():  # sh [layers, H, 4]
         mean = dict(zip(GROUP_NAMES, sh.mean(axis=(0, 1)).tolist(), strict=True))
         conds[c] = {"mean": mean, "per_layer": sh.mean(1).tolist(), "per_layer_head": sh.tolist()}
     report = dict(examples=len(items), layout=layout, groups=list(GROUP_NAMES), query_rows=rows)
@@ -299,21 +310,16 @@ def run_attention(L, tokenizer, items, social, layout, batch_size, top_k, device
     return {**report, "example": {"clip_id": items[0].clip_id, "tokens": tokens}}, heat
 
 
-# ============ what L reads in social tokens: the logit lens; two projectors compared ============
+# ============ the logit lens: what L's head reads at social tokens; two projectors ============
 @torch.no_grad()
 def logit_lens(L, tokenizer, items, social, layout, batch_size, k, device) -> dict:
-    """Per layer, the k tokens L's head reads at the [SOC-G] and at the [SOC-L] positions (the
-    logit lens: L's final norm and head on each layer's hidden state), by probability averaged
-    over the positions; layer 0 is the input embedding, the last is L's own output."""
-    embed, head, norm = L.get_input_embeddings(), L.get_output_embeddings(), L.get_decoder().norm
+    """Per layer, the k tokens that L's final norm and head read at the [SOC-G] and the [SOC-L]
+    positions, by probability averaged over the positions; layer 0 is the input embedding."""
+    head, norm = L.get_output_embeddings(), L.get_decoder().norm
     cap, sums, count = getattr(L.config, "final_logit_softcapping", None), {}, {}
-    for s in range(0, len(items), batch_size):
-        part = items[s : s + batch_size]
-        with common.autocast(device):
-            inject, soc_l = social(part, layout)
-            batch = common.insert_social_tokens(part, soc_l, embed, inject)
-            out = common.lm_forward(L, batch, output_hidden_states=True)
-            hidden = [*map(norm, out.hidden_states[:-1]), out.last_hidden_state]
+    batches = forward(L, items, social, layout, batch_size, device, output_hidden_states=True)
+    for batch, _, out in batches:
+        hidden = [*map(norm, out.hidden_states[:-1]), out.last_hidden_state]
         for role, name in ((SOC_G, "soc_g"), (SOC_L, "soc_l")):
             if not (where := batch.roles == role).any():
                 continue
@@ -322,20 +328,19 @@ def logit_lens(L, tokenizer, items, social, layout, batch_size, k, device) -> di
             for i, h in enumerate(hidden):  # a layer at a time: [positions, vocabulary] logits
                 z = head(h[where].to(head.weight.dtype)).float()
                 acc[i] += (cap * torch.tanh(z / cap) if cap else z).softmax(-1).sum(0)
-    layers = []
-    for i in range(len(hidden)):
-        layers.append({"layer": i})
-        for name in sums:
-            p, ids = (sums[name][i] / count[name]).topk(k)
-            tokens = tokenizer.convert_ids_to_tokens(ids.tolist())
-            layers[-1][name] = [[t, float(q)] for t, q in zip(tokens, p.tolist(), strict=True)]
+    layers = [{"layer": i} for i in range(len(hidden))]
+    for name, acc in sums.items():  # acc [layers, vocabulary]: summed probabilities
+        top = (acc / count[name]).topk(k)
+        for layer, p, ids in zip(layers, top.values.tolist(), top.indices.tolist(), strict=True):
+            tokens = tokenizer.convert_ids_to_tokens(ids)
+            layer[name] = [[t, q] for t, q in zip(tokens, p, strict=True)]
     return {"layout": layout, "examples": len(items), "positions": count, "layers": layers}
 
 
 @torch.no_grad()
 def compare_projectors(g_a, feats_a, g_b, feats_b, frame_rows) -> dict:
-    """Cosine, frame by frame, of two projectors' [SOC-L] vectors g_a(v_j) and g_b(v_j) (each g
-    with the V it was trained with) on the same frames; and the ratio of their norms."""
+    """Cosine, frame by frame, of two projectors' [SOC-L] g_a(v_j) and g_b(v_j) (each g with the V
+    it was trained with) on the same frames; and the ratio of their norms."""
     a, b = g_a(feats_a[frame_rows]).float(), g_b(feats_b[frame_rows]).float()
     cos, ratio = F.cosine_similarity(a, b, dim=-1).cpu().numpy(), (b.norm(dim=-1) / a.norm(dim=-1))
     stats = {q: float(np.percentile(cos, p)) for q, p in (("p05", 5), ("median", 50), ("p95", 95))}
@@ -345,18 +350,13 @@ def compare_projectors(g_a, feats_a, g_b, feats_b, frame_rows) -> dict:
 
 # ============ RSA: pooled hidden states against human similarity ============
 def pool_hidden(hidden: torch.Tensor, group: torch.Tensor, mode: str) -> torch.Tensor:
-    """[B, T, D] hidden states of one layer -> [B, D] (authors' --pool): all: every position but
-    BOS (the same for every item); exclude_soc: text; only_soc: [SOC-G] and [SOC-L]; locals_only:
-    [SOC-L]; eos: the last real position."""
+    """[B, T, D] hidden states -> [B, D] by the authors' --pool: all (but BOS), exclude_soc (text),
+    only_soc ([SOC-G] and [SOC-L]), locals_only ([SOC-L]) or eos (the last real position)."""
     if mode == "eos":
         last = (group != PAD).long().cumsum(1).argmax(1)  # last non-pad position, either padding
         return hidden[torch.arange(hidden.shape[0]), last].float()
-    keep = {
-        "all": group > BOS,
-        "exclude_soc": group == TEXT,
-        "only_soc": (group == SOC_G) | (group == SOC_L),
-        "locals_only": group == SOC_L,
-    }[mode]
+    keep = dict(all=group > BOS, exclude_soc=group == TEXT, only_soc=group >= SOC_G,
+                locals_only=group == SOC_L)[mode]  # fmt: skip
     if empty := torch.nonzero(keep.sum(1) == 0).flatten().tolist():
         why = "no social tokens: check --inject and that the items have content words"
         raise ValueError(f"--pool {mode}: sequence(s) {empty} have no position to pool ({why})")
@@ -367,15 +367,9 @@ def pool_hidden(hidden: torch.Tensor, group: torch.Tensor, mode: str) -> torch.T
 @torch.no_grad()
 def pooled_states(L, items, social, inject, pool, batch_size, device) -> np.ndarray:
     """[layers + 1, n_items, D] pooled hidden states (0: L's input embeddings, k: block k's)."""
-    out, embed = [], L.get_input_embeddings()
-    for s in range(0, len(items), batch_size):
-        part = items[s : s + batch_size]
-        with common.autocast(device):
-            _, soc_l = social(part, inject)
-            batch = common.insert_social_tokens(part, soc_l, embed, inject)
-            hidden = common.lm_forward(L, batch, output_hidden_states=True).hidden_states
-        out.append(torch.stack([pool_hidden(h, batch.roles, pool) for h in hidden]).cpu())
-    return torch.cat(out, dim=1).numpy()
+    batches = forward(L, items, social, inject, batch_size, device, output_hidden_states=True)
+    pooled = [[pool_hidden(h, b.roles, pool) for h in out.hidden_states] for b, _, out in batches]
+    return torch.cat([torch.stack(p).cpu() for p in pooled], dim=1).numpy()
 
 
 def model_similarity(x: np.ndarray) -> np.ndarray:
@@ -385,13 +379,12 @@ def model_similarity(x: np.ndarray) -> np.ndarray:
 
 def spearman_upper(a: np.ndarray, b: np.ndarray) -> float:
     """Spearman rho between the upper triangles (i < j) of two item x item matrices, over the
-    pairs finite in both: Pearson correlation of average ranks."""
+    pairs finite in both: the Pearson correlation of average ranks."""
     from scipy.stats import rankdata
 
     i, j = np.triu_indices(a.shape[0], 1)
     ok = np.isfinite(a[i, j]) & np.isfinite(b[i, j])
-    rx, ry = rankdata(a[i, j][ok]), rankdata(b[i, j][ok])
-    rx, ry = rx - rx.mean(), ry - ry.mean()
+    rx, ry = (r - r.mean() for r in (rankdata(a[i, j][ok]), rankdata(b[i, j][ok])))
     denom = math.sqrt(float((rx**2).sum() * (ry**2).sum()))
     return float((rx * ry).sum() / denom) if denom > 0 else float("nan")
 
@@ -408,18 +401,6 @@ def permutation_pvalue(model: np.ndarray, human: np.ndarray, n_perm: int, seed: 
     rng = np.random.default_rng(seed)
     null = (model[np.ix_(p, p)] for p in (rng.permutation(n) for _ in range(n_perm)))
     return (1 + sum(spearman_upper(m, human) >= obs - 1e-12 for m in null)) / (1 + n_perm)
-
-
-def bootstrap_rsa(model: np.ndarray, human: np.ndarray, n_boot: int, seed: int) -> list[float]:
-    """95% interval of rho over resamples of items (an item paired with its own copy is out)."""
-    rng, n, rhos = np.random.default_rng(seed), model.shape[0], []
-    for _ in range(n_boot):
-        idx = rng.integers(0, n, n)
-        h = human[np.ix_(idx, idx)].copy()
-        h[idx[:, None] == idx[None, :]] = np.nan
-        rhos.append(spearman_upper(model[np.ix_(idx, idx)], h))
-    rhos = np.array(rhos)[np.isfinite(rhos)]
-    return percentile_ci(rhos) if len(rhos) else [float("nan"), float("nan")]
 
 
 def triplet_similarity(triplets: np.ndarray, n: int) -> np.ndarray:
@@ -445,9 +426,9 @@ def odd_one_out_accuracy(model: np.ndarray, triplets: np.ndarray) -> float:
 
 
 def rsa_report(sims, human, layer, n_perm, n_boot, seed, triplets=None) -> dict:
-    """RSA of per-layer model similarities [L, n, n] against human [n, n]. A given `layer` is
-    reported on all items; otherwise the best layer on a seeded half of the items is reported on
-    the other half, so that the choice does not inflate the number."""
+    """RSA of per-layer model similarities [layers, n, n] against human [n, n]. A given `layer` is
+    reported on all items; else the best layer on a seeded half of the items is reported on the
+    other half, so that the choice does not inflate rho. The CI resamples items."""
     n = human.shape[0]
     if layer is not None:
         if not -len(sims) <= layer < len(sims):
@@ -465,7 +446,13 @@ def rsa_report(sims, human, layer, n_perm, n_boot, seed, triplets=None) -> dict:
     pairs = int(np.isfinite(h[np.triu_indices(len(report), 1)]).sum())
     out = dict(layer=layer, layer_choice=choice, rho=spearman_upper(m, h), items=len(report))
     out.update(pairs=pairs, p_value=permutation_pvalue(m, h, n_perm, seed))
-    out["ci95"] = bootstrap_rsa(m, h, n_boot, seed)
+    rng, rhos = np.random.default_rng(seed), []
+    for idx in (rng.integers(0, len(report), len(report)) for _ in range(n_boot)):
+        resampled = h[np.ix_(idx, idx)].copy()
+        resampled[idx[:, None] == idx[None, :]] = np.nan  # an item paired with its own copy: out
+        rhos.append(spearman_upper(m[np.ix_(idx, idx)], resampled))
+    rhos = np.array(rhos)[np.isfinite(rhos)]
+    out["ci95"] = percentile_ci(rhos) if len(rhos) else [float("nan"), float("nan")]
     out["per_layer_rho_all_items"] = [spearman_upper(s, human) for s in sims]  # not for choosing
     if triplets is not None:  # those whose three items are all reported on
         pos = {int(k): r for r, k in enumerate(report)}
@@ -476,180 +463,9 @@ def rsa_report(sims, human, layer, n_perm, n_boot, seed, triplets=None) -> dict:
     return out
 
 
-# ============ outputs: plots and summary.md ============
-def figure(width: float = 7, height: float = 4, panels: int = 1):
-    """A matplotlib Figure and its row of axes; no pyplot: files only, no display needed."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), layout="tight")
-    return fig, fig.subplots(1, panels, squeeze=False)[0]
-
-
-def plot_attention_heatmaps(maps: dict, tokens: list[str], path: Path, title: str) -> None:
-    """One example's attention received, tokens x layers, a panel per condition (real | zero)."""
-    fig, axes = figure(max(6, 0.35 * len(tokens)) * len(maps), 5, len(maps))
-    vmax = max(float(m.max()) for m in maps.values())
-    for ax, (name, m) in zip(axes, maps.items(), strict=True):
-        im = ax.imshow(m, aspect="auto", cmap="viridis", vmin=0.0, vmax=vmax, origin="lower")
-        ax.set_xticks(range(len(tokens)), tokens, rotation=90, fontsize=7)
-        ax.set(yticks=range(m.shape[0]), ylabel="layer", title=f"{title}: {name}")
-        fig.colorbar(im, ax=ax, label="attention received (mean over heads, text queries)")
-    fig.savefig(path, dpi=120)
-
-
-def plot_layer_shares(shares: dict, path: Path) -> None:
-    """Per-layer share of attention on [SOC-G] and [SOC-L] (mean over heads), a line style per
-    condition: real social vectors against the zero-vector baseline."""
-    fig, (ax,) = figure()
-    for style, (name, s) in zip(["-", "--", ":", "-."], shares.items(), strict=False):
-        for g, color in ((SOC_G, "tab:red"), (SOC_L, "tab:blue")):
-            ax.plot(s.mean(axis=1)[:, g], style, color=color, label=f"{GROUP_NAMES[g]} ({name})")
-    ax.set(xticks=range(len(s)), xlabel="layer", ylabel="share of attention (text queries)")
-    ax.legend(fontsize=8)
-    fig.savefig(path, dpi=120)
-
-
-def plot_ppl(ppl: dict, path: Path) -> None:
-    """Perplexity per condition with its 95% bootstrap interval (log scale: `none` sits far up)."""
-    fig, (ax,) = figure()
-    conds = ppl["conditions"]
-    point, ci95 = np.array([r["ppl"] for r in conds.values()]), [r["ci95"] for r in conds.values()]
-    err = np.abs(np.array(ci95).T - point)  # [2, C]: below and above the point
-    ax.bar(list(conds), point, yerr=err, capsize=4, color="tab:blue")
-    ax.set(yscale="log", ylabel=f"perplexity ({ppl['split']} split, 95% CI)")
-    fig.savefig(path, dpi=120)
-
-
-def plot_bias_attention(shares: dict, path: Path) -> None:
-    """Per-layer share of text-query attention on social keys (mean over heads and inputs):
-    g's vectors with and without the bias, and zero vectors (position alone)."""
-    fig, (ax,) = figure()
-    for name, s in shares.items():
-        ax.plot(s.mean(1), "o-", label=name)
-    ax.set(xticks=range(len(s)), xlabel="layer", ylabel="share on [SOC-*] (text queries)")
-    ax.legend(fontsize=8)
-    fig.savefig(path, dpi=120)
-
-
-def plot_rsa_layers(r: dict, path: Path) -> None:
-    """rho per layer on all items (descriptive), with the reported layer and its CI marked."""
-    fig, (ax,) = figure()
-    rhos, (lo, hi) = r["per_layer_rho_all_items"], r["ci95"]
-    ax.plot(rhos, "o-", color="tab:gray", label="all items (descriptive)")
-    err, label = [[r["rho"] - lo], [hi - r["rho"]]], f"reported ({r['layer_choice']})"
-    ax.errorbar([r["layer"]], [r["rho"]], yerr=err, fmt="o", color="tab:red", label=label)
-    ax.axhline(0.0, color="black", lw=0.5)
-    ax.set(xticks=range(len(rhos)), xlabel="layer", ylabel="Spearman rho (model vs human)")
-    ax.legend(fontsize=8)
-    fig.savefig(path, dpi=120)
-
-
-def ci(interval, fmt: str = ".2f") -> str:
-    return f"[{interval[0]:{fmt}}, {interval[1]:{fmt}}]"
-
-
-def summary_markdown(ppl=None, attention=None, rsa=None, encoder_probe=None, logit_lens=None,
-                     compare=None, generate=None, example=None, bias=None) -> str:  # fmt: skip
-    """A markdown digest of the parts' JSON (those given)."""
-    md = ["# Evaluation summary"]
-
-    def table(*head: str) -> None:
-        md.extend(["", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"])
-
-    if ppl:
-        md.append(f"\n## Perplexity ({ppl['split']} split, {ppl['utterances']} utterances)")
-        table("condition", "perplexity", "95% CI", "minus none (95% CI)", "tokens")
-        for k, r in (c := ppl["conditions"]).items():
-            d = r.get("minus_none")
-            diff = f"{d['ppl']:+.2f} {ci(d['ci95'])}" if d else "—"
-            md.append(f"| {k} | {r['ppl']:.2f} | {ci(r['ci95'])} | {diff} | {r['tokens']} |")
-        if gain := ppl.get("visual_gain"):
-            ref = gain.get("against", "full")  # g's trained layout (an older ppl.json: full)
-            line = f"\nVisual gain (shuffled − {ref}): **{gain['ppl']:.2f}** {ci(gain['ci95'])}"
-            for k in (k for k in ("shuffled", "none") if k in c):
-                line += f"; {ref} / {k} = {c[ref]['ppl'] / c[k]['ppl']:.3f}"
-            md.append(line)
-    if attention:
-        n, layout = attention["examples"], attention["layout"]
-        md.append(f"\n## Attention of text queries ({n} examples, mean of layers and heads)")
-        table("condition", *GROUP_NAMES)
-        for k, r in attention["conditions"].items():
-            md.append(f"| {k} | " + " | ".join(f"{r['mean'][g]:.3f}" for g in GROUP_NAMES) + " |")
-        md.append(f"\nzero: zero vectors at the positions of {layout}. Heads most on [SOC-*]:")
-        table("layer", "head", "[SOC-*] share", "zero baseline", "excess")
-        for h in attention["top_heads"]:
-            shares = " | ".join(f"{h[k]:.3f}" for k in ("social_share", "zero_baseline", "excess"))
-            md.append(f"| {h['layer']} | {h['head']} | {shares} |")
-    if rsa:
-        md.append(f"\n## RSA (--pool {rsa['pool']}, --inject {rsa['inject']}) against humans")
-        table("human", "layer", "rho", "95% CI", "p", "items", "pairs", "odd-one-out")
-        for r in rsa["results"]:
-            ooo = f"{r['odd_one_out']['accuracy']:.3f}" if "odd_one_out" in r else "—"
-            stats = f"{r['rho']:.3f} | {ci(r['ci95'], '.3f')} | {r['p_value']:.4f} | {r['items']}"
-            md.append(f"| {r['human']} | {r['layer']} | {stats} | {r['pairs']} | {ooo} |")
-        md.append(f"\nLayer: {rsa['results'][0]['layer_choice']}.")
-    if encoder_probe:
-        n = " / ".join(f"{v} {k}" for k, v in encoder_probe["frames"].items())
-        md.append(f"\n## Encoder probe: linear probe of V's [CLS] ({n} frames)")
-        table("V", *SLOTS)
-        for k in (k for k in ("untrained", "fine_tuned", "chance") if k in encoder_probe):
-            md.append(f"| {k} | " + " | ".join(f"{encoder_probe[k][s]:.3f}" for s in SLOTS) + " |")
-    if generate and "conditions" in generate:
-        n, k = generate["utterances"], generate["prompt_words"]
-        md.append(f"\n## Decoding: who does what to whom ({n} utterances, prompt: first {k} words)")
-        table("condition", *SLOTS, "all three")
-        rows = {c: (r["accuracy"], r["ci95"]) for c, r in generate["conditions"].items()}
-        if v := generate.get("visual"):
-            rows["visual: full − shuffled"] = ({h: x["accuracy"] for h, x in v.items()},
-                                               {h: x["ci95"] for h, x in v.items()})  # fmt: skip
-        for c, (acc, ci95) in rows.items():
-            md.append(f"| {c} | " + " | ".join(f"{acc[h]:.2f} {ci(ci95[h])}" for h in acc) + " |")
-        md.append("")
-        for r in generate["examples"]:
-            gens = "; ".join(f"{c}: *{r[c]['generation']}*" for c in generate["conditions"])
-            md.append(f"- reference *{r['reference']}* — {gens}")
-    if bias:
-        n = " ".join(f"{float(a):g}: {p:.2f};" for a, p in bias["val_ppl_by_alpha"].items())
-        md.append(f"\n## Social-aware attention bias (alpha {bias['alpha']:g} on val; {n[:-1]})")
-        table(
-            "condition", "perplexity (95% CI)", "with − without (95% CI)", "actor", "action", "all"
-        )
-        for c, r in bias["conditions"].items():
-            d = r.get("minus_unbiased")  # decoding rows are named `full`: g's layout
-            cells = [f"{r['ppl']:.2f} {ci(r['ci95'])}" if "ppl" in r else "—"]
-            cells.append(f"{d['ppl']:+.2f} {ci(d['ci95'])}" if d else "—")
-            acc = r.get("accuracy", {}).get("accuracy", {})
-            cells += [f"{acc[h]:.2f}" if h in acc else "—" for h in ("actor", "action", "all")]
-            md.append(f"| {c} | " + " | ".join(cells) + " |")
-        gains = [(c, r.get("minus_layout")) for c, r in bias["conditions"].items()]
-        md.append("\nVisual gain: " + "; ".join(
-            f"{c} − {g['against']} {g['ppl']:.2f} {ci(g['ci95'])}" for c, g in gains if g) + ".")  # fmt: skip
-        att = " · ".join(f"{c} {r['mean']:.3f}" for c, r in bias["attention"].items())
-        md.append(f"\nShare of text-query attention on [SOC-*]: {att}.")
-    if example:
-        md.append(f"\n## One example: {example['text']!r} ({example['frames']} frame(s))")
-        md.append(f"\n{' '.join(example['sequence'])}\n")
-        for c, more in example["continuation"].items():
-            md.append(f"- {c}: mean loss {np.mean(example['loss'][c]):.2f}; continues *{more}*")
-    if logit_lens:
-        names = [n for n in ("soc_g", "soc_l") if n in logit_lens["layers"][0]]
-        md.append(f"\n## Logit lens: what L's head reads at social tokens (top 3 of {names})")
-        table("layer", *names)
-        for r in logit_lens["layers"]:
-            cells = (" ".join(repr(t) for t, _ in r[n][:3]).replace("|", "\\|") for n in names)
-            md.append(f"| {r['layer']} | " + " | ".join(cells) + " |")
-    if compare:
-        c = compare["cosine"]
-        md.append(f"\n## Two projectors: cosine of [SOC-L] on {compare['frames']} frames")
-        md.append(f"\nmean {c['mean']:.3f}, median {c['median']:.3f}, 5-95% "
-                  f"[{c['p05']:.3f}, {c['p95']:.3f}]; {compare['b']} against {compare['a']}.")  # fmt: skip
-    return "\n".join(md) + "\n"
-
-
 # ============ decoding with social tokens: does L say who does what to whom? ============
 def prompt_of(utt: dict, n_words: int, context=()) -> dict:
-    """The utterance cut after its first n_words words, with its clip, its time span and the
-    earlier turns L reads first (--task next-utterance)."""
+    """The utterance cut after its first n_words words, with clip, time span and earlier turns."""
     spans = common.split_words(utt["text"])
     end = spans[min(n_words, len(spans)) - 1][1]
     keep = {k: utt[k] for k in ("clip_id", "start", "end")}
@@ -698,14 +514,13 @@ def run_generate(L, tokenizer, prompts, social, tagger, batch_size, two_pass=Fal
     return out
 
 
-def score_generations(utts, prompts, gens: dict, scenes: dict) -> tuple[list, dict]:
-    """(generate.jsonl's records, hits[condition] [n, 4]): each generation parsed for actor,
-    action and target (demo.parse_demo_text) against the scene at the utterance's mid-time."""
+def score_generations(utts, prompts, gens: dict, scenes: list) -> tuple[list, dict]:
+    """(generate.jsonl's records, hits[condition] [n, 4]): each generation parsed for actor, action
+    and target (demo.parse_demo_text) against the scene at its utterance's mid-time."""
     from demo import parse_demo_text
 
     records, hits = [], {c: [] for c in gens}
-    for i, (u, p) in enumerate(zip(utts, prompts, strict=True)):
-        scene = scene_at(scenes, u["clip_id"], (u["start"] + u["end"]) / 2)
+    for i, (u, p, scene) in enumerate(zip(utts, prompts, scenes, strict=True)):
         rec = {"clip_id": u["clip_id"], "turn": u.get("turn"), "prompt": p["text"]}
         rec.update(reference=u["text"], scene={k: scene[k] for k in SLOTS} if scene else None)
         for c, out in gens.items():
@@ -721,20 +536,19 @@ def score_generations(utts, prompts, gens: dict, scenes: dict) -> tuple[list, di
 
 def accuracy_report(hits: dict, n_boot: int, seed: int) -> dict:
     """generate.json's body from hits[c] [n, 4] (actor, action, target, all; the same utterances
-    for every condition c): accuracy and 95% CI per condition; visual = full - shuffled, paired."""
+    for every c): accuracy and 95% CI per condition; visual = full - shuffled, paired."""
     names, slots = list(hits), [*SLOTS, "all"]
-    x = np.concatenate([np.asarray(hits[c], np.float64).T for c in names])  # [C * 4, n]
-    boot = bootstrap_ratio(x, np.ones_like(x), n_boot, seed).reshape(len(names), 4, n_boot)
-    acc = {c: np.asarray(hits[c], np.float64).mean(0) for c in names}
+    keys = [(c, h) for c in names for h in slots]
+    x = np.concatenate([np.asarray(hits[c], np.float64).T for c in names])  # [C·4, n]
+    acc = dict(zip(keys, x.mean(1), strict=True))
+    boot = dict(zip(keys, bootstrap_ratio(x, np.ones_like(x), n_boot, seed), strict=True))
     out = {"conditions": {}, "utterances": len(hits[names[0]])}
-    for k, c in enumerate(names):
-        out["conditions"][c] = {"accuracy": dict(zip(slots, acc[c].tolist(), strict=True)),
-                                "ci95": dict(zip(slots, map(percentile_ci, boot[k]), strict=True))}  # fmt: skip
+    for c in names:
+        ci95 = {h: percentile_ci(boot[c, h]) for h in slots}
+        out["conditions"][c] = {"accuracy": {h: float(acc[c, h]) for h in slots}, "ci95": ci95}
 
-    def minus(a: str, b: str) -> dict:  # paired: the same resamples of utterances
-        diff = boot[names.index(a)] - boot[names.index(b)]
-        return {h: {"accuracy": float(acc[a][i] - acc[b][i]), "ci95": percentile_ci(diff[i])}
-                for i, h in enumerate(slots)}  # fmt: skip
+    def minus(a: str, b: str) -> dict:
+        return {h: paired(acc, boot, (a, h), (b, h), "accuracy") for h in slots}
 
     if "full" in names and "shuffled" in names:
         out["visual"] = minus("full", "shuffled")
@@ -745,10 +559,9 @@ def accuracy_report(hits: dict, n_boot: int, seed: int) -> dict:
 
 @torch.no_grad()
 def example_view(L, tokenizer, g, V, layout, text, images, device) -> tuple[dict, dict]:
-    """One sentence beside its frames (the authors' visualize_token_attention): its nouns and
-    verbs (spaCy) take images[i] in turn (the last one when they run out); the sequence with
-    its social tokens, each token's loss without and with them, the attention heatmaps and L's
-    greedy continuation under both. Returns (example.json's body, attention heatmaps)."""
+    """One sentence beside its frames (the authors' visualize_token_attention): its i-th noun or
+    verb takes images[i] (the last once they run out); each token's loss, the attention heatmaps
+    and L's greedy continuation without and with the social tokens."""
     tagger, n = common.PosTagger(), len(images)
     words, k = tagger.tag([text])[0], 0
     for w in words:  # the i-th content word sits at time i: frame i
@@ -775,10 +588,9 @@ def example_view(L, tokenizer, g, V, layout, text, images, device) -> tuple[dict
 # ============ a training-free social-aware attention bias (seed 002) ============
 def social_attention(module, query, key, value, attention_mask, social_bias=None,
                      social_roles=None, **kw):  # fmt: skip
-    """L's own eager attention (registered as attn_implementation "social"), plus a bias: in
-    layer l, the logits from text queries to social keys get social_bias[l, b, h] (0 in heads
-    not selected). social_roles [B, T]: roles of the whole sequence, its last Q the queries,
-    its last K the keys; social keys are [SOC-G] and [SOC-L]. Without social_bias: eager."""
+    """L's eager attention (attn_implementation "social") plus, in layer l, social_bias[l, b, h]
+    on the logits from text queries to [SOC-G] and [SOC-L] keys (0 in heads not selected).
+    social_roles [B, T]: the whole sequence's roles; its last Q are the queries, its last K keys."""
     import importlib
 
     if social_bias is not None:
@@ -805,17 +617,15 @@ def use_social_attention(L) -> str:
 
 
 def speaker_roles(batch: common.SocialBatch) -> torch.Tensor:
-    """batch.roles, with the [SOC-L] of earlier turns (before the first scored token: the context
-    of --task next-utterance) as PAD: the bias goes to the social tokens of the current speaker's
-    time span only (the seed's speaker-consistent alignment). [SOC-G] stays."""
+    """batch.roles with the [SOC-L] of earlier turns (before the first scored token) as PAD: the
+    bias reaches the current speaker's social tokens only (the seed's speaker alignment)."""
     roles = batch.roles.clone()
     roles[(roles == SOC_L) & ((batch.labels != -100).cumsum(1) == 0)] = PAD
     return roles
 
 
 def social_shares(attentions, roles: torch.Tensor) -> torch.Tensor:
-    """s [layers, B, H]: each head's share of its text queries' attention on social keys, per
-    input (the mean over the input's text queries)."""
+    """s [layers, B, H]: per input, each head's mean share of text-query attention on [SOC-*]."""
     query = (roles == TEXT).float()
     mass = [attention_mass(a, roles)[..., SOC_G:] for a in attentions]  # on [SOC-G] and [SOC-L]
     s = [torch.einsum("bhqg,bq->bh", m, query) for m in mass]
@@ -823,9 +633,8 @@ def social_shares(attentions, roles: torch.Tensor) -> torch.Tensor:
 
 
 def select_heads(s: torch.Tensor, baseline: torch.Tensor, margin: float, topk: int):
-    """Dynamic head selection per input (seed 002): the heads whose share s [layers, B, H]
-    exceeds their zero-vector baseline [layers, H] by `margin`, or (topk > 0) the topk heads
-    of each layer by s."""
+    """Heads chosen per input (seed 002): s [layers, B, H] above the zero-vector baseline [layers,
+    H] by `margin`, or (topk > 0) the topk heads of each layer by s."""
     if topk > 0:
         return s >= s.topk(min(topk, s.shape[-1]), dim=-1).values[..., -1:]
     return s > baseline[:, None, :] + margin
@@ -834,8 +643,7 @@ def select_heads(s: torch.Tensor, baseline: torch.Tensor, margin: float, topk: i
 @torch.no_grad()
 def bias_kwargs(L, batch, baseline, alpha: float, margin: float, topk: int) -> dict:
     """L's kwargs that bias `batch`: a first pass without bias gives s; the selected heads get
-    log(1 + alpha * s) on the logits from text queries to this utterance's social keys, so the
-    heads that already look at the social tokens look more (alpha = 0: no change)."""
+    log(1 + alpha·s) on the logits from text queries to this utterance's social keys."""
     roles = speaker_roles(batch)
     attn = common.lm_forward(L, batch, output_attentions=True, social_roles=roles).attentions
     s = social_shares(attn, roles)
@@ -847,43 +655,70 @@ def bias_kwargs(L, batch, baseline, alpha: float, margin: float, topk: int) -> d
 def bias_attention(L, items, social, condition, batch_size, device, bias=None) -> torch.Tensor:
     """s [layers, H, n]: per input, each head's share of text-query attention on social keys
     under `condition` (zero: the baseline of position alone), with `bias` when given."""
-    out = []
-    for s in range(0, len(items), batch_size):
-        part = items[s : s + batch_size]
-        with common.autocast(device):
-            inject, soc_l = social(part, condition)
-            batch = common.insert_social_tokens(part, soc_l, L.get_input_embeddings(), inject)
-            kw = bias(batch) if bias else {"social_roles": speaker_roles(batch)}
-            attn = common.lm_forward(L, batch, output_attentions=True, **kw).attentions
-        out.append(social_shares(attn, kw["social_roles"]).permute(0, 2, 1).cpu())
-    return torch.cat(out, -1)
+    kw = bias or (lambda batch: {"social_roles": speaker_roles(batch)})  # L's kwargs of a batch
+    batches = forward(L, items, social, condition, batch_size, device, kw, output_attentions=True)
+    s = [
+        social_shares(o.attentions, k["social_roles"]).permute(0, 2, 1).cpu() for _, k, o in batches
+    ]
+    return torch.cat(s, -1)
+
+
+def run_bias(args, L, val, items, social, layout, conditions, decode, score) -> dict:
+    """bias.json's body: alpha chosen on `val` by the perplexity of g's layout with the bias, then
+    perplexity, decoding accuracy and attention on `items`, with and without the bias, all through
+    social_attention. decode(condition, bias=None) -> generations; score(generations) -> hits."""
+    device, bs, before = torch.device(args.device), args.batch_size, use_social_attention(L)
+    base = bias_attention(L, val, social, "zero", bs, device).mean(-1).to(device)  # [layers, H]
+    biased = partial(bias_kwargs, L, baseline=base, margin=args.bias_margin, topk=args.bias_topk)
+    tuned = {}  # alpha -> val perplexity of g's layout with the bias
+    for a in args.bias_alpha:
+        bias = partial(biased, alpha=a)
+        nll, tok, _ = run_ppl(L, val, length_batches(val, bs), [layout], social, device, bias=bias)
+        tuned[a] = perplexity(nll[layout], tok[layout])
+    bias = partial(biased, alpha=(alpha := min(tuned, key=tuned.get)))
+    conds = [c for c in ("none", layout, "shuffled") if c in conditions]
+    batches = length_batches(items, bs, args.steps, args.seed)
+    nll, tok, _ = run_ppl(L, items, batches, conds, social, device)
+    nll_b, tok_b, _ = run_ppl(L, items, batches, conds, social, device, bias=bias)
+    nll |= {c + "+bias": v for c, v in nll_b.items()}
+    tok |= {c + "+bias": v for c, v in tok_b.items()}
+    report = ppl_report(nll, tok, args.bootstrap, args.seed, layout)["conditions"]
+    gens = {}  # decoding with and without the bias
+    for c in (c for c in ("full", "shuffled") if c in conditions):
+        gens |= {c: decode(c), c + "+bias": decode(c, bias=bias)}
+    if any((hits := score(gens)[1]).values()):
+        for c, r in accuracy_report(hits, args.bootstrap, args.seed)["conditions"].items():
+            report.setdefault(c, {})["accuracy"] = r
+    chosen = [it for it in items if len(it.t_p)][: args.attention_examples]
+    s = {c: bias_attention(L, chosen, social, c, bs, device) for c in ("zero", layout)}
+    s[layout + "+bias"] = bias_attention(L, chosen, social, layout, bs, device, bias)
+    L.set_attn_implementation(before)
+    picked = select_heads(s[layout].permute(0, 2, 1), base.cpu(), args.bias_margin, args.bias_topk)
+    picked = picked.float().mean(1)  # [layers, H]: how often each head was chosen
+    heads = [dict(layer=i, head=j, selected=float(picked[i, j]), zero_baseline=float(base[i, j]))
+             for i, j in picked.nonzero().tolist()]  # fmt: skip
+    heads.sort(key=lambda h: -h["selected"])
+    shares = {c: x.mean(-1).numpy() for c, x in s.items()}  # [layers, H]
+    return dict(alpha=alpha, val_ppl_by_alpha=tuned, margin=args.bias_margin, topk=args.bias_topk,
+                split=args.split, heads=heads[: args.top_heads], conditions=report,
+                attention={c: {"mean": float(x.mean()), "per_layer": x.mean(1).tolist()}
+                           for c, x in shares.items()})  # fmt: skip
 
 
 # ============ the encoder probe (demo): does V's [CLS] tell who does what to whom? ============
-def read_scenes(path: Path) -> dict[str, list[dict]]:
-    """The demo's scenes.csv: each clip's events (start, end, actor, action, target)."""
-    scenes: dict[str, list[dict]] = {}
-    for _, s in common.read_csv(path, ("clip_id", "start", "end", *SLOTS)):
-        scenes.setdefault(s["clip_id"], []).append(s)
-    return scenes
-
-
-def scene_at(scenes: dict, clip_id: str, t: float) -> dict | None:
-    """The clip's event at time t (start <= t < end), or None."""
-    return next(
-        (s for s in scenes.get(clip_id, []) if float(s["start"]) <= t < float(s["end"])), None
-    )
-
-
 def scene_labels(path: Path, rows: list[dict]) -> list[dict | None]:
-    """The scene (scenes.csv: actor, action, target) each manifest row's frame shows, or None."""
-    scenes = read_scenes(path)
-    return [scene_at(scenes, r["clip_id"], r["t_sec"]) for r in rows]
+    """The scene (scenes.csv: actor, action, target) at each row's clip_id and t_sec, or None."""
+    spans: dict[str, list] = {}
+    for _, s in common.read_csv(path, ("clip_id", "start", "end", *SLOTS)):
+        spans.setdefault(s["clip_id"], []).append((float(s["start"]), float(s["end"]), s))
+    return [
+        next((s for a, b, s in spans.get(r["clip_id"], []) if a <= r["t_sec"] < b), None)
+        for r in rows
+    ]
 
 
 def linear_probe(z_train: torch.Tensor, y_train: np.ndarray, z_test: torch.Tensor) -> np.ndarray:
-    """Softmax regression (L-BFGS, small L2) on [CLS] standardised with the training frames'
-    statistics; returns the predicted labels of z_test."""
+    """Softmax regression (L-BFGS, small L2) on standardised [CLS]: z_test's predicted labels."""
     mu, sd = z_train.mean(0), z_train.std(0) + 1e-6
     classes, y = np.unique(y_train, return_inverse=True)
     w = torch.zeros(z_train.shape[1], len(classes), requires_grad=True)
@@ -913,8 +748,7 @@ def encoder_probe(feats, rows, labels, split: str) -> tuple[dict, dict, dict]:
     acc, chance = {}, {}
     for slot in SLOTS:
         y = np.array([(labels[k] or {}).get(slot) or "none" for k in range(len(rows))])
-        pred = linear_probe(z[fit], y[fit], z[test])
-        acc[slot] = float(np.mean(pred == y[test]))
+        acc[slot] = float(np.mean(linear_probe(z[fit], y[fit], z[test]) == y[test]))
         values, counts = np.unique(y[fit], return_counts=True)
         chance[slot] = float(np.mean(y[test] == values[counts.argmax()]))
     return acc, chance, {"train": len(fit), split: len(test)}
@@ -955,8 +789,7 @@ def read_index(path: Path) -> list[dict]:
 
 
 def read_similarity_matrix(path: Path, ids: list[str]) -> np.ndarray:
-    """Human similarity CSV (first column item_id, then a column per item id), in the order of
-    `ids`: square, symmetric, the index's ids each once, else an error."""
+    """Human similarity CSV (item_id, a column per id) in the order of `ids`, square, symmetric."""
     if not Path(path).exists():
         raise FileNotFoundError(f"{path}: no such file")
     with open(path, newline="", encoding="utf-8") as f:
@@ -980,9 +813,8 @@ def read_similarity_matrix(path: Path, ids: list[str]) -> np.ndarray:
             try:
                 values[r[0], col] = float(cell)
             except ValueError:
-                raise ValueError(
-                    f"{path}: line {line}, column {col!r}: {cell!r} is not a number"
-                ) from None
+                where = f"{path}: line {line}, column {col!r}"
+                raise ValueError(f"{where}: {cell!r} is not a number") from None
     m = np.array([[values[a, b] for b in ids] for a in ids])
     for i, j in np.argwhere(np.abs(m - m.T) > 1e-6 * np.maximum(1.0, np.abs(m)))[:1]:
         a, b = ids[i], ids[j]
@@ -1008,9 +840,9 @@ def read_triplets(path: Path, ids: list[str]) -> np.ndarray:
 
 
 def rsa_items(index, index_path, tokenizer, data, clip_index, tagger, max_len) -> list:
-    """One sequence per RSA item. Text and clip: the text, its nouns/verbs (`tagger`; None: no
-    social tokens) spread over the clip's time; text alone: no social tokens; clip alone: the
-    clip's last turn in --data, earlier turns as context."""
+    """One sequence per RSA item. Text and clip: the text, its nouns and verbs (`tagger`; None:
+    no social tokens) spread over the clip's time; text alone: no social tokens; clip alone: the
+    clip's last turn in --data, its earlier turns as context."""
     turns: dict[str, list[dict]] = {}
     for it in (it for it in index if it["clip_id"]):
         where = f"{index_path}: item {it['item_id']!r}"
@@ -1040,21 +872,170 @@ def rsa_items(index, index_path, tokenizer, data, clip_index, tagger, max_len) -
     return items
 
 
+# ============ outputs: plots and summary.md ============
+def figure(width: float = 7, height: float = 4, panels: int = 1):
+    """A matplotlib Figure and its row of axes; no pyplot: files only, no display needed."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), layout="tight")
+    return fig, fig.subplots(1, panels, squeeze=False)[0]
+
+
+def plot_attention_heatmaps(maps: dict, tokens: list[str], path: Path, title: str) -> None:
+    """One example's attention received, tokens x layers, a panel per condition (real | zero)."""
+    fig, axes = figure(max(6, 0.35 * len(tokens)) * len(maps), 5, len(maps))
+    vmax = max(float(m.max()) for m in maps.values())
+    for ax, (name, m) in zip(axes, maps.items(), strict=True):
+        im = ax.imshow(m, aspect="auto", cmap="viridis", vmin=0.0, vmax=vmax, origin="lower")
+        ax.set_xticks(range(len(tokens)), tokens, rotation=90, fontsize=7)
+        ax.set(yticks=range(m.shape[0]), ylabel="layer", title=f"{title}: {name}")
+        fig.colorbar(im, ax=ax, label="attention received (mean over heads, text queries)")
+    fig.savefig(path, dpi=120)
+
+
+def plot_layers(path: Path, ylabel: str, lines: dict, rsa: dict | None = None) -> None:
+    """Values over L's layers, lines {label: (values, format, colour)}; with an `rsa` result, its
+    reported layer's rho and 95% CI marked."""
+    fig, (ax,) = figure()
+    for label, (y, fmt, colour) in lines.items():
+        ax.plot(y, fmt, color=colour, label=label)
+    if rsa:
+        rho, (lo, hi), label = rsa["rho"], rsa["ci95"], f"reported ({rsa['layer_choice']})"
+        ax.errorbar([rsa["layer"]], [rho], [[rho - lo], [hi - rho]], fmt="o", color="tab:red",
+                    label=label)  # fmt: skip
+        ax.axhline(0.0, color="black", lw=0.5)
+    ax.set(xticks=range(len(y)), xlabel="layer", ylabel=ylabel)
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=120)
+
+
+def plot_ppl(ppl: dict, path: Path) -> None:
+    """Perplexity per condition with its 95% bootstrap interval (log scale: `none` sits far up)."""
+    fig, (ax,) = figure()
+    conds = ppl["conditions"]
+    point, ci95 = np.array([r["ppl"] for r in conds.values()]), [r["ci95"] for r in conds.values()]
+    err = np.abs(np.array(ci95).T - point)  # [2, C]: below and above the point
+    ax.bar(list(conds), point, yerr=err, capsize=4, color="tab:blue")
+    ax.set(yscale="log", ylabel=f"perplexity ({ppl['split']} split, 95% CI)")
+    fig.savefig(path, dpi=120)
+
+
+def summary_markdown(ppl=None, attention=None, rsa=None, encoder_probe=None, logit_lens=None,
+                     compare=None, generate=None, example=None, bias=None) -> str:  # fmt: skip
+    """A markdown digest of the parts' JSON (those given)."""
+    md = ["# Evaluation summary"]
+
+    def ci(interval, fmt: str = ".2f") -> str:
+        return f"[{interval[0]:{fmt}}, {interval[1]:{fmt}}]"
+
+    def table(*head: str) -> None:
+        md.extend(["", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"])
+
+    def row(*cells) -> None:
+        md.append("| " + " | ".join(map(str, cells)) + " |")
+
+    def minus(d: dict | None) -> str:  # a paired difference and its CI
+        return f"{d['ppl']:+.2f} {ci(d['ci95'])}" if d else "—"
+
+    if ppl:
+        md.append(f"\n## Perplexity ({ppl['split']} split, {ppl['utterances']} utterances)")
+        table("condition", "perplexity", "95% CI", "minus none (95% CI)", "tokens")
+        for k, r in (c := ppl["conditions"]).items():
+            row(k, f"{r['ppl']:.2f}", ci(r["ci95"]), minus(r.get("minus_none")), r["tokens"])
+        if gain := ppl.get("visual_gain"):
+            ref = gain.get("against", "full")  # g's trained layout (an older ppl.json: full)
+            line = f"\nVisual gain (shuffled − {ref}): **{gain['ppl']:.2f}** {ci(gain['ci95'])}"
+            for k in (k for k in ("shuffled", "none") if k in c):
+                line += f"; {ref} / {k} = {c[ref]['ppl'] / c[k]['ppl']:.3f}"
+            md.append(line)
+    if attention:
+        n, layout = attention["examples"], attention["layout"]
+        md.append(f"\n## Attention of text queries ({n} examples, mean of layers and heads)")
+        table("condition", *GROUP_NAMES)
+        for k, r in attention["conditions"].items():
+            row(k, *(f"{r['mean'][g]:.3f}" for g in GROUP_NAMES))
+        md.append(f"\nzero: zero vectors at the positions of {layout}. Heads most on [SOC-*]:")
+        table("layer", "head", "[SOC-*] share", "zero baseline", "excess")
+        for h in attention["top_heads"]:
+            shares = (h[k] for k in ("social_share", "zero_baseline", "excess"))
+            row(h["layer"], h["head"], *(f"{x:.3f}" for x in shares))
+    if rsa:
+        md.append(f"\n## RSA (--pool {rsa['pool']}, --inject {rsa['inject']}) against humans")
+        table("human", "layer", "rho", "95% CI", "p", "items", "pairs", "odd-one-out")
+        for r in rsa["results"]:
+            ooo = f"{r['odd_one_out']['accuracy']:.3f}" if "odd_one_out" in r else "—"
+            stats = f"{r['rho']:.3f}", ci(r["ci95"], ".3f"), f"{r['p_value']:.4f}", r["items"]
+            row(r["human"], r["layer"], *stats, r["pairs"], ooo)
+        md.append(f"\nLayer: {rsa['results'][0]['layer_choice']}.")
+    if encoder_probe:
+        n = " / ".join(f"{v} {k}" for k, v in encoder_probe["frames"].items())
+        md.append(f"\n## Encoder probe: linear probe of V's [CLS] ({n} frames)")
+        table("V", *SLOTS)
+        for k in (k for k in ("untrained", "fine_tuned", "chance") if k in encoder_probe):
+            row(k, *(f"{encoder_probe[k][s]:.3f}" for s in SLOTS))
+    if generate and "conditions" in generate:
+        n, k = generate["utterances"], generate["prompt_words"]
+        md.append(f"\n## Decoding: who does what to whom ({n} utterances, prompt: first {k} words)")
+        table("condition", *SLOTS, "all three")
+        rows = {c: (r["accuracy"], r["ci95"]) for c, r in generate["conditions"].items()}
+        if v := generate.get("visual"):
+            rows["visual: full − shuffled"] = ({h: x["accuracy"] for h, x in v.items()},
+                                               {h: x["ci95"] for h, x in v.items()})  # fmt: skip
+        for c, (acc, ci95) in rows.items():
+            row(c, *(f"{acc[h]:.2f} {ci(ci95[h])}" for h in acc))
+        md.append("")
+        for r in generate["examples"]:
+            gens = "; ".join(f"{c}: *{r[c]['generation']}*" for c in generate["conditions"])
+            md.append(f"- reference *{r['reference']}* — {gens}")
+    if bias:
+        n = " ".join(f"{float(a):g}: {p:.2f};" for a, p in bias["val_ppl_by_alpha"].items())
+        md.append(f"\n## Social-aware attention bias (alpha {bias['alpha']:g} on val; {n[:-1]})")
+        cols = ("actor", "action", "all")  # decoding accuracy with and without the bias
+        table("condition", "perplexity (95% CI)", "with − without (95% CI)", *cols)
+        for c, r in bias["conditions"].items():  # decoding rows are named `full`: g's layout
+            acc = r.get("accuracy", {}).get("accuracy", {})
+            ppl_ci = f"{r['ppl']:.2f} {ci(r['ci95'])}" if "ppl" in r else "—"
+            hits = (f"{acc[h]:.2f}" if h in acc else "—" for h in cols)
+            row(c, ppl_ci, minus(r.get("minus_unbiased")), *hits)
+        gains = [f"{c} − {g['against']} {g['ppl']:.2f} {ci(g['ci95'])}"
+                 for c, r in bias["conditions"].items() if (g := r.get("minus_layout"))]  # fmt: skip
+        md.append("\nVisual gain: " + "; ".join(gains) + ".")
+        att = " · ".join(f"{c} {r['mean']:.3f}" for c, r in bias["attention"].items())
+        md.append(f"\nShare of text-query attention on [SOC-*]: {att}.")
+    if example:
+        md.append(f"\n## One example: {example['text']!r} ({example['frames']} frame(s))")
+        md.append(f"\n{' '.join(example['sequence'])}\n")
+        for c, more in example["continuation"].items():
+            md.append(f"- {c}: mean loss {np.mean(example['loss'][c]):.2f}; continues *{more}*")
+    if logit_lens:
+        names = [n for n in ("soc_g", "soc_l") if n in logit_lens["layers"][0]]
+        md.append(f"\n## Logit lens: what L's head reads at social tokens (top 3 of {names})")
+        table("layer", *names)
+        for r in logit_lens["layers"]:
+            top3 = (" ".join(repr(t) for t, _ in r[n][:3]) for n in names)
+            row(r["layer"], *(t.replace("|", "\\|") for t in top3))
+    if compare:
+        c = compare["cosine"]
+        md.append(f"\n## Two projectors: cosine of [SOC-L] on {compare['frames']} frames")
+        md.append(f"\nmean {c['mean']:.3f}, median {c['median']:.3f}, 5-95% "
+                  f"[{c['p05']:.3f}, {c['p95']:.3f}]; {compare['b']} against {compare['a']}.")  # fmt: skip
+    return "\n".join(md) + "\n"
+
+
 # ============ main ============
 def main(argv: list[str] | None = None) -> None:
     args = get_args_parser().parse_args(argv)
 
     # ============ the parts asked for (--what), or those whose inputs are given ============
-    rsa_given = args.index and (args.sim_rsm or args.triplets)
-    given = {"ppl": args.data, "attention": args.data and args.projector, "rsa": rsa_given}
-    given["encoder_probe"] = args.data and (args.data / "scenes.csv").exists()
-    given["encoder_probe"] = given["encoder_probe"] and (args.projector or args.encoder)
-    given.update(logit_lens=given["attention"], compare=given["attention"] and args.compare)
-    given["generate"] = given["bias"] = given["attention"]
-    if given["bias"]:  # alpha is tuned on the val split: it needs a noun or verb there
-        val = common.read_utterances(args.data, "val")
-        given["bias"] = any(w.get("content") for u in val for w in u.get("words", []))
+    with_g = bool(args.data and args.projector)  # the parts that read L with g's social tokens
+    given = dict(ppl=args.data, attention=with_g, logit_lens=with_g, generate=with_g)
+    given["rsa"] = args.index and (args.sim_rsm or args.triplets)
+    given["compare"] = with_g and args.compare
+    scenes_csv = args.data and args.data / "scenes.csv"
+    given["encoder_probe"] = scenes_csv and scenes_csv.exists() and (args.projector or args.encoder)
     given["example"] = args.text and args.frame and args.projector
+    val = common.read_utterances(args.data, "val") if with_g else []  # the bias tunes alpha on val
+    given["bias"] = any(w.get("content") for u in val for w in u.get("words", []))  # a noun or verb
     parts = args.what or [p for p in PARTS if given[p]]
     if unknown := [p for p in parts if p not in PARTS]:
         raise SystemExit(f"--what: unknown part {unknown[0]!r}; expected {', '.join(PARTS)}")
@@ -1069,7 +1050,7 @@ def main(argv: list[str] | None = None) -> None:
     device, out = torch.device(args.device), args.out / "eval"
     out.mkdir(parents=True, exist_ok=True)
 
-    # ============ loading g, and L in the dtype g was trained against ============
+    # ============ g, and L in the dtype g was trained against ============
     g, cfg = load_projector(args.projector, device) if args.projector else (None, {})
     lm = args.lm or cfg.get("lm") or common.EMBEDDED_LM
     dtype = cfg.get("lm_dtype") if args.lm_dtype == "auto" else args.lm_dtype  # None: load_lm's
@@ -1086,26 +1067,26 @@ def main(argv: list[str] | None = None) -> None:
     if rsa_inject != "none" and g is None:
         raise SystemExit(f"--inject {rsa_inject} needs --projector (g makes the social tokens)")
     max_len = args.max_len or cfg.get("max_len", 256)
+    task, turns = cfg.get("task", "utterance"), cfg.get("context_turns", 3)
 
     # ============ held-out utterances, shuffled donors, RSA items ============
     clip_index = common.clip_frame_index(common.read_manifest(args.data)) if args.data else {}
     items, skipped, donors, index, r_items = [], [], None, [], []
     if {"ppl", "attention", "logit_lens", "generate", "bias"} & set(parts):
         utts = common.read_utterances(args.data, args.split)
-        task, turns = cfg.get("task", "utterance"), cfg.get("context_turns", 3)
         items, skipped = common.tokenize_split(utts, tokenizer, clip_index, task, turns, max_len)
         if not items:
             raise SystemExit(f"{args.data}: no usable utterance in split {args.split!r}")
     if {"ppl", "generate", "bias"} & set(parts) and "shuffled" in conditions:
-        clips = sorted({it.clip_id for it in items if len(it.t_p)})
         try:
-            donors = shuffle_donors(clips, args.seed)
+            donors = shuffle_donors(sorted({it.clip_id for it in items if len(it.t_p)}), args.seed)
         except ValueError as e:
             raise SystemExit(f"{args.data}, split {args.split!r}: {e}") from None
     if "rsa" in parts:
         index = read_index(args.index)
-        tagger = common.PosTagger(args.spacy_model) if rsa_inject != "none" else None
-        r_items = rsa_items(index, args.index, tokenizer, args.data, clip_index, tagger, max_len)
+        pos = common.PosTagger(args.spacy_model) if rsa_inject != "none" else None
+        r_items = rsa_items(index, args.index, tokenizer, args.data, clip_index, pos, max_len)
+    with_words = [it for it in items if len(it.t_p)]  # what attention and the logit lens read
 
     # ============ V: v_j = V(F_j)[CLS] of every frame (train_proj's cache) ============
     feats = None
@@ -1129,22 +1110,23 @@ def main(argv: list[str] | None = None) -> None:
         plot_ppl(ppl, out / "ppl.png")
 
     if "attention" in parts:  # ============ attention to social tokens ============
-        if not (chosen := [it for it in items if len(it.t_p)][: args.attention_examples]):
+        if not (chosen := with_words[: args.attention_examples]):
             raise SystemExit(f"{args.data}: no {args.split} utterance has a content word")
         k, bs = args.top_heads, args.batch_size
         att, heat = run_attention(L, tokenizer, chosen, social, layout, bs, k, device)
         common.write_json(out / "attention.json", att)
-        tokens = att["example"]["tokens"]
-        plot_attention_heatmaps(heat, tokens, out / "attention_example.png", "one held-out example")
-        shares = {c: np.array(r["per_layer_head"]) for c, r in att["conditions"].items()}
-        plot_layer_shares(shares, out / "attention_layers.png")
+        tokens, title = att["example"]["tokens"], "one held-out example"
+        plot_attention_heatmaps(heat, tokens, out / "attention_example.png", title)
+        lines = {}  # [SOC-G] and [SOC-L] per layer, a line style per condition
+        for (c, v), style in zip(att["conditions"].items(), ("-", "--"), strict=True):
+            for r, colour in ((SOC_G, "tab:red"), (SOC_L, "tab:blue")):
+                lines[f"{GROUP_NAMES[r]} ({c})"] = (np.array(v["per_layer"])[:, r], style, colour)
+        plot_layers(out / "attention_layers.png", "share of attention (text queries)", lines)
 
     if "logit_lens" in parts:  # ============ what L's head reads at social tokens ============
-        chosen = [it for it in items if len(it.t_p)][: args.lens_examples]
-        k, bs = args.top_k, args.batch_size
-        common.write_json(
-            out / "logit_lens.json", logit_lens(L, tokenizer, chosen, social, layout, bs, k, device)
-        )
+        chosen, k, bs = with_words[: args.lens_examples], args.top_k, args.batch_size
+        lens = logit_lens(L, tokenizer, chosen, social, layout, bs, k, device)
+        common.write_json(out / "logit_lens.json", lens)
 
     if "compare" in parts:  # ============ two projectors' [SOC-L] on the same frames ============
         g_b, cfg_b = load_projector(args.compare, device)
@@ -1154,33 +1136,34 @@ def main(argv: list[str] | None = None) -> None:
         feats_b = common.cached_features(V_b, args.data, frames, device, args.batch_size)
         rows = [r["frame_idx"] for r in common.read_manifest(args.data) if r["split"] == args.split]
         pair = compare_projectors(g, feats, g_b, feats_b.to(device), torch.tensor(rows))
-        common.write_json(out / "compare.json", {"a": str(args.projector), "b": str(args.compare),
-                                                 "split": args.split, **pair})  # fmt: skip
+        names = {"a": str(args.projector), "b": str(args.compare), "split": args.split}
+        common.write_json(out / "compare.json", {**names, **pair})
 
-    utts, prompts, tagger, gens = [], [], None, {}  # decoding's, also the bias part's
-    if {"generate", "bias"} & set(parts):
+    if {"generate", "bias"} & set(parts):  # ============ prompts and scenes ============
         usable = donors if donors is not None else clip_index  # `shuffled` needs a donor clip
         utts = [u for u in common.read_utterances(args.data, args.split) if u["clip_id"] in usable]
         context = earlier_turns(utts, turns if task == "next-utterance" else 0)
         prompts = [prompt_of(u, args.prompt_words, c) for u, c in zip(utts, context, strict=True)]
-        tagger = common.PosTagger()
-        scenes_csv = args.data / "scenes.csv"
-        scenes = read_scenes(scenes_csv) if scenes_csv.exists() else {}
-        decode = partial(run_generate, L, tokenizer, prompts, tagger=tagger,
-                         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                         temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                         stop=(".", "\n"), inject=layout)  # fmt: skip
-        frames_of = partial(prompt_social, g, feats, clip_index, donors, prompts)
+        mid = [{"clip_id": u["clip_id"], "t_sec": (u["start"] + u["end"]) / 2} for u in utts]
+        scenes = scene_labels(scenes_csv, mid) if scenes_csv.exists() else [None] * len(utts)
+        score, tagger = partial(score_generations, utts, prompts, scenes=scenes), common.PosTagger()
+        decoding = dict(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                        temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                        stop=(".", "\n"), inject=layout)  # fmt: skip
+
+        def decode(condition: str, **kw) -> list[dict]:  # the prompts continued under `condition`
+            social_p = prompt_social(g, feats, clip_index, donors, prompts, condition)
+            return run_generate(L, tokenizer, prompts, social_p, tagger, **decoding, **kw)
 
     if "generate" in parts:  # ============ decoding with social tokens ============
-        t0 = time.perf_counter()
+        gens, t0 = {}, time.perf_counter()
         for c in (c for c in ("none", "full", "shuffled") if c in conditions):
             two_pass = args.two_pass and c != "none" and layout in ("global", "full")
             for two in (False, True) if two_pass else (False,):  # [SOC-G] in g's layout
-                gens[c + "/two-pass" * two] = decode(frames_of(c), two_pass=two)
+                gens[c + "/two-pass" * two] = decode(c, two_pass=two)
         seconds, texts = time.perf_counter() - t0, [r["text"] for o in gens.values() for r in o]
         new = sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
-        records, hits = score_generations(utts, prompts, gens, scenes)
+        records, hits = score(gens)
         lines = "".join(json.dumps(r) + "\n" for r in records)
         common.atomic_write(out / "generate.jsonl", lambda tmp: Path(tmp).write_text(lines))
         report = accuracy_report(hits, args.bootstrap, args.seed) if any(hits.values()) else {}
@@ -1189,56 +1172,16 @@ def main(argv: list[str] | None = None) -> None:
         common.write_json(out / "generate.json", {**report, "examples": records[:6], **source})
 
     if "bias" in parts:  # ============ the social-aware attention bias (seed 002) ============
-        before, bs = use_social_attention(L), args.batch_size
         if args.split == "val":
             print("evaluate: bias: alpha is tuned on val and reported on val (use --split test)")
-        val = common.read_utterances(args.data, "val")
         val = common.tokenize_split(val, tokenizer, clip_index, task, turns, max_len)[0]
         if not (val := [it for it in val if len(it.t_p)]):
             raise SystemExit(f"{args.data}: the bias tunes alpha on split 'val': no utterance "
                              f"there has a content word")  # fmt: skip
-        base = bias_attention(L, val, social, "zero", bs, device).mean(-1).to(device)  # [layers, H]
-        biased = partial(bias_kwargs, L, baseline=base, margin=args.bias_margin,
-                         topk=args.bias_topk)  # fmt: skip
-        tuned = {}  # alpha -> val perplexity of g's layout with the bias
-        for a in args.bias_alpha:
-            nll, tok, _ = run_ppl(L, val, length_batches(val, bs), [layout], social, device,
-                                  bias=partial(biased, alpha=a))  # fmt: skip
-            tuned[a] = perplexity(nll[layout], tok[layout])
-        alpha = min(tuned, key=tuned.get)
-        bias = partial(biased, alpha=alpha)
-        conds = [c for c in ("none", layout, "shuffled") if c in conditions]
-        batches = length_batches(items, bs, args.steps, args.seed)
-        nll, tok, _ = run_ppl(L, items, batches, conds, social, device)
-        nll_b, tok_b, _ = run_ppl(L, items, batches, conds, social, device, bias=bias)
-        nll |= {c + "+bias": v for c, v in nll_b.items()}
-        tok |= {c + "+bias": v for c, v in tok_b.items()}
-        report = ppl_report(nll, tok, args.bootstrap, args.seed, layout)["conditions"]
-        paired = {}  # decoding with and without the bias, both through social_attention
-        for c in (c for c in ("full", "shuffled") if c in conditions):
-            paired[c] = decode(frames_of(c))
-            paired[c + "+bias"] = decode(frames_of(c), bias=bias)
-        _, hits = score_generations(utts, prompts, paired, scenes)
-        if any(hits.values()):
-            for c, r in accuracy_report(hits, args.bootstrap, args.seed)["conditions"].items():
-                report.setdefault(c, {})["accuracy"] = r
-        chosen = [it for it in items if len(it.t_p)][: args.attention_examples]
-        s = {"zero": bias_attention(L, chosen, social, "zero", bs, device)}
-        s[layout] = bias_attention(L, chosen, social, layout, bs, device)
-        s[layout + "+bias"] = bias_attention(L, chosen, social, layout, bs, device, bias)
-        L.set_attn_implementation(before)
-        picked = select_heads(s[layout].permute(0, 2, 1), base.cpu(), args.bias_margin,
-                              args.bias_topk).float().mean(1)  # fmt: skip  # [layers, H]
-        heads = [dict(layer=int(i), head=int(j), selected=float(picked[i, j]),
-                      zero_baseline=float(base[i, j])) for i, j in picked.nonzero().tolist()]  # fmt: skip
-        heads.sort(key=lambda h: -h["selected"])
-        shares = {c: x.mean(-1).numpy() for c, x in s.items()}  # [layers, H]
-        common.write_json(out / "bias.json", dict(
-            alpha=alpha, val_ppl_by_alpha=tuned, margin=args.bias_margin, topk=args.bias_topk,
-            split=args.split, heads=heads[: args.top_heads], conditions=report,
-            attention={c: {"mean": float(x.mean()), "per_layer": x.mean(1).tolist()}
-                       for c, x in shares.items()}, **source))  # fmt: skip
-        plot_bias_attention(shares, out / "bias_attention.png")
+        bias = run_bias(args, L, val, items, social, layout, conditions, decode, score)
+        common.write_json(out / "bias.json", {**bias, **source})
+        lines = {c: (r["per_layer"], "o-", None) for c, r in bias["attention"].items()}
+        plot_layers(out / "bias_attention.png", "share on [SOC-*] (text queries)", lines)
 
     if "example" in parts:  # ============ one sentence beside its frames ============
         from PIL import Image
@@ -1276,25 +1219,23 @@ def main(argv: list[str] | None = None) -> None:
         rsa = dict(pool=args.pool, inject=rsa_inject, index=str(args.index), items=len(ids))
         rsa["similarity"] = "1 - correlation distance of pooled hidden states"
         common.write_json(out / "rsa.json", {**rsa, "results": results, **source})
-        plot_rsa_layers(results[0], out / "rsa_layers.png")
+        r = results[0]
+        lines = {"all items (descriptive)": (r["per_layer_rho_all_items"], "o-", "tab:gray")}
+        plot_layers(out / "rsa_layers.png", "Spearman rho (model vs human)", lines, r)
 
     if "encoder_probe" in parts:  # ============ what DINO adds to V: a linear probe ============
         encoder = Path(args.encoder or cfg["encoder"])
         encoder = encoder if encoder.is_file() else encoder / "encoder.safetensors"
-        rows = common.read_manifest(args.data)
-        labels, frames = scene_labels(args.data / "scenes.csv", rows), common.open_frames(args.data)
+        rows, frames = common.read_manifest(args.data), common.open_frames(args.data)
+        labels = scene_labels(scenes_csv, rows)
         probe = {"split": args.split, "encoder": str(encoder), "frames": {}}
-        for name, path in (
-            ("untrained", encoder.with_name("start.safetensors")),
-            ("fine_tuned", encoder),
-        ):
-            if not path.exists():  # no start.safetensors: V from an older train_dino
-                continue
-            V, _ = common.load_encoder(path, device)
-            feats = common.cached_features(V, args.data, frames, device, args.batch_size)
-            probe[name], probe["chance"], probe["frames"] = encoder_probe(
-                feats, rows, labels, args.split
-            )
+        start = encoder.with_name("start.safetensors")  # V before DINO (older train_dino: none)
+        for name, path in (("untrained", start), ("fine_tuned", encoder)):
+            if path.exists():
+                V, _ = common.load_encoder(path, device)
+                z = common.cached_features(V, args.data, frames, device, args.batch_size)
+                fit = encoder_probe(z, rows, labels, args.split)
+                probe[name], probe["chance"], probe["frames"] = fit
         common.write_json(out / "encoder_probe.json", probe)
 
     # ============ summary.md of every part's JSON in OUT/eval (earlier runs' too) ============

@@ -348,9 +348,9 @@ def test_plots_are_written(tmp_path):
         tmp_path / "heat.png",
         "example",
     )
-    ev.plot_layer_shares(
-        {"full": rng.random((3, 2, 4)), "zero": rng.random((3, 2, 4))}, tmp_path / "layers.png"
-    )
+    lines = {f"soc_l ({c})": (rng.random(3), style, "tab:blue") for c, style in [("full", "-")]}
+    lines["zero"] = (rng.random(3), "o-", None)
+    ev.plot_layers(tmp_path / "layers.png", "share of attention", lines)
     assert (tmp_path / "heat.png").stat().st_size > 1000
     assert (tmp_path / "layers.png").stat().st_size > 1000
 

@@ -45,12 +45,14 @@ def content_words(utt: dict) -> list[tuple[int, int, float]]:
     """(char_start, char_end, t_sec) of the utterance's nouns and verbs (prep.py's `content`)."""
     out, n = [], len(utt["text"])
     for i, w in enumerate(utt.get("words", [])):
+        if not w.get("content"):
+            continue
         a, b = int(w["char_start"]), int(w["char_end"])
-        if w.get("content") and not 0 <= a < b <= n:
+        if not 0 <= a < b <= n:
             raise ValueError(f"utterance (clip {utt.get('clip_id')!r}, turn {utt.get('turn')!r}): "
                              f"word {i} {w.get('text')!r} has char span [{a}, {b}), expected "
                              f"0 <= start < end <= {n}")  # fmt: skip
-        out += [(a, b, float(w["t_sec"]))] if w.get("content") else []
+        out.append((a, b, float(w["t_sec"])))
     return out
 
 
@@ -58,7 +60,8 @@ def tokenize_utterance(tokenizer, utt, context=(), max_len=None) -> TokenizedUtt
     """Tokenize with offsets and find t_p. `context`: earlier turns (--task next-utterance), read
     but not scored. Past `max_len` (with --inject full's social tokens) the oldest context turns
     go first, then the utterance's tail."""
-    assert max_len is None or max_len >= 2, "max_len leaves room for BOS and a token"
+    if max_len is not None and max_len < 2:  # --max-len: a user's flag
+        raise ValueError(f"max_len must leave room for BOS and a token, got {max_len}")
     turns = [*context, utt]
     for first in range(len(turns)):
         item = _tokenize_turns(tokenizer, turns[first:])
@@ -191,9 +194,9 @@ def insert_social_tokens(items, soc_l, embed, inject="full", padding_side="right
     """
     assert inject in INJECT_MODES and padding_side in ("left", "right")
     n_words = [len(it.t_p) if inject != "none" else 0 for it in items]
-    if inject != "none" and (0 if soc_l is None else len(soc_l)) != sum(n_words):
-        raise ValueError(f"soc_l: expected {sum(n_words)} rows (one per content word), got "
-                         f"{0 if soc_l is None else len(soc_l)}")  # fmt: skip
+    got = 0 if soc_l is None else len(soc_l)
+    if inject != "none" and got != sum(n_words):
+        raise ValueError(f"soc_l: expected {sum(n_words)} rows (one per content word), got {got}")
     use_g, use_l = inject in ("global", "full"), inject in ("local", "full")
     given = [soc_g is not None and soc_g[b] is not None for b in range(len(items))]
     # Every vector is a row of one table: text embeddings, the [SOC-L], each utterance's [SOC-G],
@@ -325,8 +328,11 @@ def embedded_lm_path() -> Path:
         config.pop("quantization_config", None)  # plain float32 weights from here on
         write_json(tmp / "config.json", config)
         save_model(L, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        with contextlib.suppress(OSError):  # fails only when another process finished first
+        try:
             os.replace(tmp, final)
+        except OSError:  # another process finished first: keep its copy
+            if not (final / "model.safetensors").exists():
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
@@ -353,7 +359,8 @@ def compile_lm(L) -> None:
 
 def lm_forward(L, batch: SocialBatch, **flags):
     """L's decoder on an inserted batch (flags: output_attentions, output_hidden_states, or what
-    L's attention function reads); no KV cache: nothing is decoded after it."""
+    L's attention function reads); no KV cache: nothing is decoded after it, and a cache would
+    break compile's graphs."""
     return L.get_decoder()(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
                            position_ids=batch.position_ids, use_cache=False, **flags)  # fmt: skip
 
@@ -388,7 +395,9 @@ def _softmax_xent(logits, targets, softcap, need_grad):
     return nll, (grad * (1.0 - tanh * tanh) if softcap else grad).to(logits.dtype)
 
 
-_compiled_xent = functools.cache(lambda: torch.compile(_softmax_xent))
+@functools.cache
+def _compiled_xent():
+    return torch.compile(_softmax_xent)
 
 
 class FrozenHeadCrossEntropy(torch.autograd.Function):
@@ -569,13 +578,14 @@ LAYERSCALE_INIT = 0.1
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def build_vit(arch=DEFAULT_ARCH, pretrained=False, layerscale_init=LAYERSCALE_INIT, **over):
+def build_vit(arch=DEFAULT_ARCH, pretrained=False, layerscale_init=LAYERSCALE_INIT, img_size=224,
+              **over):  # fmt: skip
     """V: a timm ViT returning the [CLS] embedding of any image size. From random weights every
     LayerScale gamma starts at `layerscale_init` (None: timm's); `over` goes to timm."""
     import timm
 
-    over = {"img_size": 224} | over
-    V = timm.create_model(arch, pretrained, num_classes=0, dynamic_img_size=True, **over)
+    V = timm.create_model(arch, pretrained, num_classes=0, dynamic_img_size=True,
+                          img_size=img_size, **over)  # fmt: skip
     if not pretrained and layerscale_init is not None:
         with torch.no_grad():
             for name, p in V.named_parameters():
@@ -622,8 +632,8 @@ def load_encoder(path: str | Path, device="cpu") -> tuple[torch.nn.Module, dict]
     tensors, cfg = load_safetensors(path)
     if missing := [f for f in ("arch", "img_size") if f not in cfg]:
         raise ValueError(f"{path.with_suffix('.json')}: missing field {missing[0]!r}")
-    over = {"img_size": cfg["img_size"], **cfg.get("overrides", {})}
-    V = build_vit(cfg["arch"], layerscale_init=None, **over)
+    over = cfg.get("overrides", {})
+    V = build_vit(cfg["arch"], layerscale_init=None, img_size=cfg["img_size"], **over)
     V.load_state_dict(tensors, strict=True)
     return V.to(device).eval(), cfg
 
@@ -737,7 +747,8 @@ def split_words(text: str) -> list[tuple[int, int]]:
             a += 1
         while b > a and not text[b - 1].isalnum():
             b -= 1
-        spans += [(a, b)] if a < b else []
+        if a < b:
+            spans.append((a, b))
     return spans
 
 

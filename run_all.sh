@@ -22,41 +22,35 @@ VIDEOS=${VIDEOS:-}
 
 if [ "$NGPU" -gt 0 ]; then
   # GPUs: the stage files' own defaults (the paper's sizes), one process per GPU; --batch-size
-  # is the global batch (all GPUs together): 64 frames and 32 utterances per GPU. N GPUs do the
-  # work of one in 1/N of the steps: 2000 x 64 frames and 3000 x 32 utterances in all.
+  # is the global batch (all GPUs together): 64 frames and 32 utterances per GPU. N GPUs see the
+  # samples of one in 1/N of the steps, 2000 x 64 frames and 3000 x 32 utterances in all (g's LR
+  # is not scaled; DINO_STEPS and PROJ_STEPS, when set, are used as given).
   LAUNCH=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NGPU")
   DINO_STEPS=${DINO_STEPS:-$((2000 / NGPU))}
   PROJ_STEPS=${PROJ_STEPS:-$((3000 / NGPU))}
   PREP_SIZE=(--height 224 --width 392)
   DINO_ARGS=(--batch-size $((64 * NGPU)) --compile)
   PROJ_ARGS=(--batch-size $((32 * NGPU)))
-  EVAL_ARGS=(--two-pass)  # every part evaluate finds inputs for
+  EVAL_ARGS=(--two-pass) PARTS=  # every part evaluate finds inputs for
 else
   # 2-core CPU: smaller canvas and crops, few local crops, short runs.
   LAUNCH=("$PYTHON")
   DINO_STEPS=${DINO_STEPS:-25}
   PROJ_STEPS=${PROJ_STEPS:-200}
   PREP_SIZE=(--height 112 --width 196)
-  # DINO's own recipe: from random weights it stays at its uniform fixed point and V barely moves.
-  # The recipe that learns here (--bn-head, no colour operations) halves the pipeline's visual
-  # gain (README, "The demo"), so it is not the default.
+  # DINO's own recipe: from random weights it stays at its uniform fixed point and the encoder
+  # probe does not move. The recipe that learns here (--bn-head, no colour operations) halved the
+  # pipeline's visual gain (bench/RESULTS_dino.md), so it is not the default.
   DINO_ARGS=(--batch-size 16 --global-size 112 --local-size 56 --local-crops 2 --out-dim 4096)
   # L in float32: bf16 matmuls are ~8x slower on CPUs without AVX512-BF16. LR 1e-2, not 3e-3:
-  # in these 200 steps g's val perplexity 2.35 against 4.06, and decoding names the action 2x more
-  # (batches of 8 take 27% less time but cut the visual gain from 5.2 to 3.1)
+  # in these 200 steps g's val perplexity 2.35 against 4.06 (at ac95764), and decoding names the
+  # action 2x more. Batches of 16, not 8: one run each gave a visual gain of 5.2 [4.0, 6.6]
+  # against 3.1 [2.4, 3.9] with 8, in 36% more stage time (bench/RESULTS_dino.md).
   PROJ_ARGS=(--batch-size 16 --lr 1e-2)
   # two-pass decoding and the attention bias (seed 002) are left to GPUs: on 2 cores each takes
   # about as long as the rest of evaluate
-  PARTS=ppl,attention,logit_lens,generate
-  EVAL_ARGS=()
+  EVAL_ARGS=() PARTS=ppl,attention,logit_lens,generate
 fi
-if [ -z "$VIDEOS" ]; then
-  # The demo's sentences often name the actor in their first two words ("The green man ..."): a
-  # two-word prompt would hand every condition, `shuffled` too, the actor's colour.
-  EVAL_ARGS+=(--prompt-words 1)
-  PARTS=${PARTS:+$PARTS,encoder_probe}
-fi
-EVAL_ARGS+=(${PARTS:+--what "$PARTS"})
 
 if [ "${PRETRAINED:-0}" = 1 ]; then DINO_ARGS+=(--pretrained); fi
 
@@ -90,6 +84,13 @@ stage train_dino "$OUT/dino/encoder.safetensors" "${LAUNCH[@]}" train_dino.py \
 stage train_proj "$OUT/proj/projector.safetensors" "${LAUNCH[@]}" train_proj.py \
   --data "$DATA" --out "$OUT/proj" --encoder "$OUT/dino" --lm "$LM" --inject full \
   --steps "$PROJ_STEPS" "${PROJ_ARGS[@]}"
+if [ -e "$DATA/scenes.csv" ]; then  # the demo
+  # A third of its sentences name the actor in their first two words ("The green man ..."): a
+  # two-word prompt would hand every condition, `shuffled` too, the actor's colour.
+  EVAL_ARGS+=(--prompt-words 1)
+  PARTS=${PARTS:+$PARTS,encoder_probe}
+fi
+if [ -n "$PARTS" ]; then EVAL_ARGS+=(--what "$PARTS"); fi
 stage evaluate "$OUT/eval/summary.md" "$PYTHON" evaluate.py \
   --data "$DATA" --out "$OUT" --projector "$OUT/proj" --split test "${EVAL_ARGS[@]}"
 

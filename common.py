@@ -109,18 +109,9 @@ def _tokenize_turns(tokenizer, turns: list[dict]) -> TokenizedUtterance:
 def tokenize_split(utts, tokenizer, clip_index, task="utterance", context_turns=0, max_len=None):
     """A split's utterances as L reads them, in clip and turn order (--task next-utterance reads
     up to `context_turns` earlier turns first). Returns (items, skipped with clip, turn, reason)."""
-    by_clip: dict[str, list[dict]] = {}
-    for u in sorted(utts, key=lambda u: (u["clip_id"], u.get("turn", 0))):
-        by_clip.setdefault(u["clip_id"], []).append(u)
-    items, skipped = [], []
-    for clip_id, clip in by_clip.items():
-        turns = []  # the clip's well-formed turns: a bad one is neither scored nor read
-        for u in clip:
-            try:
-                content_words(u)
-                turns.append(u)
-            except ValueError as e:
-                skipped.append({"clip_id": clip_id, "turn": u.get("turn"), "reason": str(e)})
+    by_clip, skipped = clip_turns(utts)
+    items = []
+    for clip_id, turns in by_clip.items():
         for i, u in enumerate(turns):
             context = turns[max(0, i - context_turns) : i] if task == "next-utterance" else []
             item = tokenize_utterance(tokenizer, u, context, max_len)
@@ -132,6 +123,19 @@ def tokenize_split(utts, tokenizer, clip_index, task="utterance", context_turns=
             else:
                 items.append(item)
     return items, skipped
+
+
+def clip_turns(utts) -> tuple[dict[str, list[dict]], list[dict]]:
+    """A split's well-formed utterances by clip, in turn order, and the malformed ones (clip, turn,
+    reason): those are neither scored nor read as an earlier turn."""
+    by_clip, skipped = {}, []
+    for u in sorted(utts, key=lambda u: (u["clip_id"], u.get("turn", 0))):
+        try:
+            content_words(u)
+            by_clip.setdefault(u["clip_id"], []).append(u)
+        except ValueError as e:
+            skipped.append({"clip_id": u["clip_id"], "turn": u.get("turn"), "reason": str(e)})
+    return by_clip, skipped
 
 
 def nearest_frame(t_sec_sorted: np.ndarray, t: float) -> int:

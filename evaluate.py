@@ -473,15 +473,9 @@ def prompt_of(utt: dict, n_words: int, context=()) -> dict:
 
 
 def earlier_turns(utts: list[dict], n: int) -> list[list[dict]]:
-    """Per utterance, the up to n turns of its clip before it (tokenize_split's context)."""
-    by_clip: dict[str, list[dict]] = {}
-    for u in sorted(utts, key=lambda u: u.get("turn", 0)):
-        try:  # a malformed turn is not read (tokenize_split reports it)
-            common.content_words(u)
-            by_clip.setdefault(u["clip_id"], []).append(u)
-        except ValueError:
-            pass
-    out = []
+    """Per utterance, the up to n well-formed turns of its clip before it (tokenize_split's
+    context)."""
+    by_clip, out = common.clip_turns(utts)[0], []
     for u in utts:
         before = [t for t in by_clip.get(u["clip_id"], []) if t.get("turn", 0) < u.get("turn", 0)]
         out.append(before[max(0, len(before) - n) :])

@@ -29,7 +29,10 @@ if [ "$NGPU" -gt 0 ]; then
   DINO_STEPS=${DINO_STEPS:-$((2000 / NGPU))}
   PROJ_STEPS=${PROJ_STEPS:-$((3000 / NGPU))}
   PREP_SIZE=(--height 224 --width 392)
-  DINO_ARGS=(--batch-size $((64 * NGPU)) --compile)
+  # DINO eager, not compiled: at 64 frames a GPU a compiled ViT-S step is bound by the host (45 ms
+  # of GPU work in a 76 ms step), DDP around it adds ~20 ms, and compiling costs ~100 s; eager
+  # DDP overlaps its all-reduce (93 ms a step on one GPU and on two; bench/RESULTS.md).
+  DINO_ARGS=(--batch-size $((64 * NGPU)))
   PROJ_ARGS=(--batch-size $((32 * NGPU)))
   EVAL_ARGS=(--two-pass) PARTS=  # every part evaluate finds inputs for
 else

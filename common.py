@@ -385,17 +385,21 @@ def token_nll(L, batch: SocialBatch, compiled: bool = False, **flags) -> torch.T
 
 def _softmax_xent(logits, targets, softcap, need_grad):
     """NLL of `targets` under softmax(z), z = c·tanh(logits / c) (Gemma 2's soft-capping c),
-    and d NLL / d logits if `need_grad`."""
+    and d NLL / d logits if `need_grad`. The softmax is formed in z's own memory (z: the chunk's
+    logits or a copy): on a CPU every new [rows, vocabulary] buffer costs page faults."""
     z = logits.float()
     if softcap:
         tanh = torch.tanh(z / softcap)
         z = tanh * softcap
-    lse = torch.logsumexp(z, dim=-1)
-    nll = lse - z.gather(1, targets[:, None]).squeeze(1)
+    z_target = z.gather(1, targets[:, None]).squeeze(1)
+    zmax = z.amax(dim=-1, keepdim=True)
+    p = z.sub_(zmax).exp_()  # unnormalised softmax, in place
+    total = p.sum(dim=-1, keepdim=True)
+    nll = (zmax + total.log()).squeeze(1) - z_target  # logsumexp(z) - z_target
     if not need_grad:
         return nll, None
-    grad = torch.exp(z - lse[:, None])
-    grad -= (torch.arange(z.shape[1], device=z.device) == targets[:, None]).float()
+    grad = p.div_(total)  # softmax(z) ...
+    grad[torch.arange(len(targets), device=grad.device), targets] -= 1.0  # ... - onehot(target)
     return nll, (grad * (1.0 - tanh * tanh) if softcap else grad).to(logits.dtype)
 
 

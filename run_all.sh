@@ -30,7 +30,7 @@ if [ "$NGPU" -gt 0 ]; then
   PROJ_STEPS=${PROJ_STEPS:-$((3000 / NGPU))}
   PREP_SIZE=(--height 224 --width 392)
   # DINO eager, not compiled: at 64 frames a GPU a compiled ViT-S step is bound by the host (45 ms
-  # of GPU work in a 76 ms step), DDP around it adds ~20 ms, and compiling costs ~100 s; eager
+  # of GPU work in a 76 ms step), DDP around it adds 14-23 ms, and compiling costs ~100 s; eager
   # DDP overlaps its all-reduce (93 ms a step on one GPU and on two; bench/RESULTS.md).
   DINO_ARGS=(--batch-size $((64 * NGPU)))
   PROJ_ARGS=(--batch-size $((32 * NGPU)))

@@ -175,6 +175,22 @@ def crops(seed: int, frames: np.ndarray, **flags):
     return train_dino.multi_crop(torch.from_numpy(frames), args, gen)
 
 
+def test_patch_matmul_is_the_patch_convolution():
+    import timm
+
+    V = common.build_vit(depth=1, img_size=56)
+    proj = V.patch_embed.proj
+    assert isinstance(proj, common.PatchMatmul)
+    for shape in [(2, 3, 56, 98), (1, 3, 60, 45)]:  # the second: not whole patches, conv floors
+        x = torch.randn(shape)
+        ref = F.conv2d(x, proj.weight, proj.bias, stride=14)
+        torch.testing.assert_close(proj(x), ref, atol=1e-4, rtol=1e-4)
+    plain = timm.create_model(common.DEFAULT_ARCH, num_classes=0, depth=1, img_size=56)
+    assert {k: v.shape for k, v in V.state_dict().items()} == {
+        k: v.shape for k, v in plain.state_dict().items()
+    }
+
+
 def test_multi_crop_shapes_ranges_determinism():
     frames = scene_frames(5)
     g, loc = crops(0, frames)

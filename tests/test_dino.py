@@ -176,19 +176,26 @@ def crops(seed: int, frames: np.ndarray, **flags):
 
 
 def test_patch_matmul_is_the_patch_convolution():
+    """build_vit's V computes what timm's ViT computes, forward and backward, with the same state
+    dict; PatchMatmul floors partial patches as the convolution does."""
     import timm
 
-    V = common.build_vit(depth=1, img_size=56)
-    proj = V.patch_embed.proj
-    assert isinstance(proj, common.PatchMatmul)
-    for shape in [(2, 3, 56, 98), (1, 3, 60, 45)]:  # the second: not whole patches, conv floors
-        x = torch.randn(shape)
-        ref = F.conv2d(x, proj.weight, proj.bias, stride=14)
-        torch.testing.assert_close(proj(x), ref, atol=1e-4, rtol=1e-4)
-    plain = timm.create_model(common.DEFAULT_ARCH, num_classes=0, depth=1, img_size=56)
-    assert {k: v.shape for k, v in V.state_dict().items()} == {
-        k: v.shape for k, v in plain.state_dict().items()
-    }
+    torch.manual_seed(0)
+    V = common.build_vit(depth=1, img_size=56, layerscale_init=None)
+    torch.manual_seed(0)
+    plain = timm.create_model(common.DEFAULT_ARCH, num_classes=0, dynamic_img_size=True, depth=1,
+                              img_size=56)  # fmt: skip
+    assert isinstance(V.patch_embed.proj, common.PatchMatmul)
+    ours, theirs = V.state_dict(), plain.state_dict()
+    assert ours.keys() == theirs.keys() and all(ours[k].equal(theirs[k]) for k in ours)
+    x = torch.randn(2, 3, 56, 98)
+    V(x).square().sum().backward()
+    plain(x).square().sum().backward()
+    torch.testing.assert_close(V(x), plain(x), atol=1e-5, rtol=1e-5)
+    for (name, a), b in zip(V.named_parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-4, rtol=1e-4, msg=name)
+    proj, x = V.patch_embed.proj, torch.randn(1, 3, 60, 45)  # not whole patches
+    torch.testing.assert_close(proj(x), F.conv2d(x, proj.weight, proj.bias, stride=14))
 
 
 def test_multi_crop_shapes_ranges_determinism():

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from common import atomic_write
+from utils import atomic_write
 
 # --------------------------------------------------------------------------------------------
 # The demo set: people doing social actions to each other, and what is said about it

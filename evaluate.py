@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 import common
+import utils
 from common import BOS, PAD, SOC_G, SOC_L, TEXT
 
 CONDITIONS = ("none", "global", "local", "full", "zero", "shuffled")
@@ -105,7 +106,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--pool", default="all", choices=POOL_MODES, help="RSA's pooled positions")
     p.add_argument("--inject", choices=common.INJECT_MODES, help="RSA's (default: g's layout)")
     p.add_argument("--layer", type=int, help="RSA layer (0: embeddings; default: chosen on half)")
-    p.add_argument("--spacy-model", default=common.DEFAULT_SPACY_MODEL, help="POS of RSA texts")
+    p.add_argument("--spacy-model", default=utils.DEFAULT_SPACY_MODEL, help="POS of RSA texts")
     return p
 
 
@@ -149,7 +150,7 @@ def forward(L, items, social, condition, batch_size, device, extra=None, **flags
     extra(batch) -> more kwargs of L (the bias's)."""
     for s in range(0, len(items), batch_size):
         part = items[s : s + batch_size]
-        with common.autocast(device):
+        with utils.autocast(device):
             inject, soc_l = social(part, condition)
             batch = common.insert_social_tokens(part, soc_l, L.get_input_embeddings(), inject)
             kw = extra(batch) if extra else {}
@@ -225,12 +226,12 @@ def run_ppl(L, items, batches, conditions, social, device, compiled=False, bias=
     from tqdm import tqdm
 
     sums = torch.zeros(2, len(conditions), len(items), dtype=torch.float64, device=device)
-    common.sync(device)
+    utils.sync(device)
     t0 = time.perf_counter()
     for idx in tqdm(batches, desc="perplexity", disable=len(batches) < 5):
         part, where = [items[i] for i in idx], torch.from_numpy(idx).to(device)
         for k, c in enumerate(conditions):
-            with common.autocast(device):
+            with utils.autocast(device):
                 inject, soc_l = social(part, c)
                 batch = common.insert_social_tokens(part, soc_l, L.get_input_embeddings(), inject)
                 kw = bias(batch) if bias else {}
@@ -238,7 +239,7 @@ def run_ppl(L, items, batches, conditions, social, device, compiled=False, bias=
             item = where[batch.loss_row]  # the utterance of each scored token
             sums[0, k].index_add_(0, item, nll)
             sums[1, k].index_add_(0, item, torch.ones_like(nll))
-    common.sync(device)
+    utils.sync(device)
     seconds = time.perf_counter() - t0
     nll, tok = sums.cpu().numpy()[:, :, np.sort(np.concatenate(batches))]
     tok = tok.astype(np.int64)
@@ -466,7 +467,7 @@ def rsa_report(sims, human, layer, n_perm, n_boot, seed, triplets=None) -> dict:
 # ============ decoding with social tokens: does L say who does what to whom? ============
 def prompt_of(utt: dict, n_words: int, context=()) -> dict:
     """The utterance cut after its first n_words words, with clip, time span and earlier turns."""
-    spans = common.split_words(utt["text"])
+    spans = utils.split_words(utt["text"])
     end = spans[min(n_words, len(spans)) - 1][1]
     keep = {k: utt[k] for k in ("clip_id", "start", "end")}
     return keep | {"text": utt["text"][:end], "context": list(context)}
@@ -482,24 +483,42 @@ def earlier_turns(utts: list[dict], n: int) -> list[list[dict]]:
     return out
 
 
+def clip_social(g, feats: torch.Tensor, clip_index: dict, clip_id: str):
+    """(g(v_j) [n, D], t_sec [n]) of a clip's frames in time order, what decode_social reads (a
+    donor clip's for `shuffled`: its frames at the same times)."""
+    rows, times = clip_index[clip_id]
+    return g(feats[torch.from_numpy(rows).to(feats.device)]), times
+
+
+def training_soc_g(tokenizer, embed, tagger, utts, social) -> list:
+    """[SOC-G] as in training (two-pass decoding): the mean of the [SOC-L] of the nouns and verbs
+    of whole utterances (a first pass's, times spread over its length); None without any."""
+    words, n_chars = tagger.tag([u["text"] for u in utts]), [len(u["text"]) for u in utts]
+    items, soc_l, _ = common.social_items(tokenizer, utts, words, social, n_chars)
+    inject = "full" if soc_l is not None else "none"
+    batch = common.insert_social_tokens(items, soc_l, embed, inject)
+    x, at = batch.inputs_embeds, batch.roles == SOC_G
+    return [x[b][at[b]][0] if at[b].any() else None for b in range(len(utts))]
+
+
 def prompt_social(g, feats, clip_index, donors, prompts, condition) -> list:
     """Per prompt: clip_social of its clip (of its donor clip: `shuffled`), None for `none`."""
     if condition == "none":
         return [None] * len(prompts)
     clips = [donors[p["clip_id"]] if condition == "shuffled" else p["clip_id"] for p in prompts]
-    return [common.clip_social(g, feats, clip_index, c) for c in clips]
+    return [clip_social(g, feats, clip_index, c) for c in clips]
 
 
 def run_generate(L, tokenizer, prompts, social, tagger, batch_size, two_pass=False, **kw):
     """common.decode_social over batches. two_pass: decode once, then again with [SOC-G] as in
-    training, the mean [SOC-L] of the first pass's nouns and verbs (common.training_soc_g)."""
+    training, the mean [SOC-L] of the first pass's nouns and verbs (training_soc_g)."""
     out, embed = [], L.get_input_embeddings()
     for s in range(0, len(prompts), batch_size):
         p, so = prompts[s : s + batch_size], social[s : s + batch_size]
         gen = common.decode_social(L, tokenizer, p, so, tagger, **kw)
         if two_pass:
             whole = [u | {"text": u["text"] + r["text"]} for u, r in zip(p, gen, strict=True)]
-            soc_g = common.training_soc_g(tokenizer, embed, tagger, whole, so)
+            soc_g = training_soc_g(tokenizer, embed, tagger, whole, so)
             n_chars = [len(u["text"]) for u in whole]
             gen = common.decode_social(
                 L, tokenizer, p, so, tagger, soc_g=soc_g, n_chars=n_chars, **kw
@@ -556,13 +575,13 @@ def example_view(L, tokenizer, g, V, layout, text, images, device) -> tuple[dict
     """One sentence beside its frames (the authors' visualize_token_attention): its i-th noun or
     verb takes images[i] (the last once they run out); each token's loss, the attention heatmaps
     and L's greedy continuation without and with the social tokens."""
-    tagger, n = common.PosTagger(), len(images)
+    tagger, n = utils.PosTagger(), len(images)
     words, k = tagger.tag([text])[0], 0
     for w in words:  # the i-th content word sits at time i: frame i
         w["t_sec"], k = float(min(k, n - 1)), k + w["content"]
     utt = {"clip_id": "example", "text": text, "words": words, "start": 0.0, "end": n - 1.0}
     item, embed = common.tokenize_utterance(tokenizer, utt), L.get_input_embeddings()
-    feats = common.encode_frames(V, np.stack(images), device=device).to(device)
+    feats = utils.encode_frames(V, np.stack(images), device=device).to(device)
     clip_index = {"example": (np.arange(n), np.arange(n, dtype=np.float64))}
     social = partial(social_vectors, g, feats, clip_index, layout, None)
     tokens = tokenizer.convert_ids_to_tokens(item.input_ids[item.score_from :].tolist())
@@ -571,7 +590,7 @@ def example_view(L, tokenizer, g, V, layout, text, images, device) -> tuple[dict
         inject, soc_l = social([item], c)
         batch = common.insert_social_tokens([item], soc_l, embed, inject)
         loss[c] = common.token_nll(L, batch).tolist()
-        clip = [None if c == "none" else common.clip_social(g, feats, clip_index, "example")]
+        clip = [None if c == "none" else clip_social(g, feats, clip_index, "example")]
         more[c] = common.decode_social(L, tokenizer, [utt], clip, tagger, inject=layout)[0]["text"]
     att, heat = run_attention(L, tokenizer, [item], social, layout, 1, 5, device)
     out = {"text": text, "layout": layout, "sequence": att["example"]["tokens"], "frames": n}
@@ -703,7 +722,7 @@ def run_bias(args, L, val, items, social, layout, conditions, decode, score) -> 
 def scene_labels(path: Path, rows: list[dict]) -> list[dict | None]:
     """The scene (scenes.csv: actor, action, target) at each row's clip_id and t_sec, or None."""
     spans: dict[str, list] = {}
-    for _, s in common.read_csv(path, ("clip_id", "start", "end", *SLOTS)):
+    for _, s in utils.read_csv(path, ("clip_id", "start", "end", *SLOTS)):
         spans.setdefault(s["clip_id"], []).append((float(s["start"]), float(s["end"]), s))
     return [
         next((s for a, b, s in spans.get(r["clip_id"], []) if a <= r["t_sec"] < b), None)
@@ -752,7 +771,7 @@ def encoder_probe(feats, rows, labels, split: str) -> tuple[dict, dict, dict]:
 def load_projector(path: Path, device: torch.device):
     """g and its projector.json (dims, lm, lm_dtype, encoder, inject, task, max_len, ...)."""
     file = Path(path) / "projector.safetensors" if Path(path).is_dir() else Path(path)
-    tensors, cfg = common.load_safetensors(file)
+    tensors, cfg = utils.load_safetensors(file)
     if missing := [k for k in ("in_dim", "out_dim", "depth", "hidden", "inject") if k not in cfg]:
         raise ValueError(f"{file.with_suffix('.json')}: missing field(s) {missing}")
     if (dtype := cfg.get("lm_dtype", "bfloat16")) not in DTYPES[1:]:  # absent: load_lm's default
@@ -767,7 +786,7 @@ def load_projector(path: Path, device: torch.device):
 def read_index(path: Path) -> list[dict]:
     """RSA items: CSV `item_id,clip_id,text`; clip_id or text may be empty, not both."""
     items, seen = [], {}
-    for line, row in common.read_csv(path, ("item_id", "clip_id", "text")):
+    for line, row in utils.read_csv(path, ("item_id", "clip_id", "text")):
         item = {k: (row[k] or "").strip() for k in ("item_id", "clip_id", "text")}
         if not (name := item["item_id"]):
             raise ValueError(f"{path}: line {line}: empty item_id")
@@ -819,7 +838,7 @@ def read_similarity_matrix(path: Path, ids: list[str]) -> np.ndarray:
 def read_triplets(path: Path, ids: list[str]) -> np.ndarray:
     """Odd-one-out CSV `item_a,item_b,item_c,odd` -> [m, 4] item indices (odd is one of a, b, c)."""
     pos, out = {i: k for k, i in enumerate(ids)}, []
-    for line, row in common.read_csv(path, ("item_a", "item_b", "item_c", "odd")):
+    for line, row in utils.read_csv(path, ("item_a", "item_b", "item_c", "odd")):
         cells = [(row[k] or "").strip() for k in ("item_a", "item_b", "item_c", "odd")]
         if unknown := [c for c in cells if c not in pos]:
             raise ValueError(f"{path}: line {line}: item id {unknown[0]!r} is not in the index")
@@ -844,7 +863,7 @@ def rsa_items(index, index_path, tokenizer, data, clip_index, tagger, max_len) -
             raise SystemExit(f"{where} names a clip: give --data")
         if it["clip_id"] not in clip_index:
             raise ValueError(f"{where}: clip {it['clip_id']!r} has no frames")
-        for u in [] if turns else common.read_utterances(data):
+        for u in [] if turns else utils.read_utterances(data):
             turns.setdefault(u["clip_id"], []).append(u)
     texts = [it["text"] for it in index if it["text"] and it["clip_id"]]
     tags, items = iter(tagger.tag(texts) if tagger and texts else []), []
@@ -859,7 +878,7 @@ def rsa_items(index, index_path, tokenizer, data, clip_index, tagger, max_len) -
         words = next(tags) if clip and tagger else []
         if words:  # each word at its middle character, over the clip's first to last frame time
             times, spans = clip_index[clip][1], [(w["char_start"], w["char_end"]) for w in words]
-            t, _ = common.word_times(spans, len(text), start=times[0], end=times[-1])
+            t, _ = utils.word_times(spans, len(text), start=times[0], end=times[-1])
             words = [{**w, "t_sec": tw} for w, tw in zip(words, t, strict=True)]
         utt = {"clip_id": clip, "text": text, "words": words, "turn": it["item_id"]}
         items.append(common.tokenize_utterance(tokenizer, utt, max_len=max_len))
@@ -1028,7 +1047,7 @@ def main(argv: list[str] | None = None) -> None:
     scenes_csv = args.data and args.data / "scenes.csv"
     given["encoder_probe"] = scenes_csv and scenes_csv.exists() and (args.projector or args.encoder)
     given["example"] = args.text and args.frame and args.projector
-    val = common.read_utterances(args.data, "val") if with_g else []  # the bias tunes alpha on val
+    val = utils.read_utterances(args.data, "val") if with_g else []  # the bias tunes alpha on val
     given["bias"] = any(w.get("content") for u in val for w in u.get("words", []))  # a noun or verb
     parts = args.what or [p for p in PARTS if given[p]]
     if unknown := [p for p in parts if p not in PARTS]:
@@ -1040,17 +1059,17 @@ def main(argv: list[str] | None = None) -> None:
     if unknown := [c for c in args.conditions if c not in CONDITIONS]:
         raise SystemExit(f"--conditions: unknown {unknown}; expected some of {CONDITIONS}")
     print("evaluate:", *parts, *[f"(no {p}: needs {PARTS[p]})" for p in PARTS if not given[p]])
-    common.seed_everything(args.seed)
+    utils.seed_everything(args.seed)
     device, out = torch.device(args.device), args.out / "eval"
     out.mkdir(parents=True, exist_ok=True)
 
     # ============ g, and L in the dtype g was trained against ============
     g, cfg = load_projector(args.projector, device) if args.projector else (None, {})
-    lm = args.lm or cfg.get("lm") or common.EMBEDDED_LM
+    lm = args.lm or cfg.get("lm") or utils.EMBEDDED_LM
     dtype = cfg.get("lm_dtype") if args.lm_dtype == "auto" else args.lm_dtype  # None: load_lm's
-    L, tokenizer = common.load_lm(lm, device, getattr(torch, dtype) if dtype else None)
+    L, tokenizer = utils.load_lm(lm, device, getattr(torch, dtype) if dtype else None)
     if args.compile:
-        common.compile_lm(L)
+        utils.compile_lm(L)
     if g is not None and (width := L.config.hidden_size) != cfg["out_dim"]:
         raise SystemExit(f"{args.projector}: g's out_dim {cfg['out_dim']}, {lm}'s width {width}")
     source = dict(lm=lm, lm_dtype=str(L.dtype).removeprefix("torch."))
@@ -1064,10 +1083,10 @@ def main(argv: list[str] | None = None) -> None:
     task, turns = cfg.get("task", "utterance"), cfg.get("context_turns", 3)
 
     # ============ held-out utterances, shuffled donors, RSA items ============
-    clip_index = common.clip_frame_index(common.read_manifest(args.data)) if args.data else {}
+    clip_index = utils.clip_frame_index(utils.read_manifest(args.data)) if args.data else {}
     items, skipped, donors, index, r_items = [], [], None, [], []
     if {"ppl", "attention", "logit_lens", "generate", "bias"} & set(parts):
-        utts = common.read_utterances(args.data, args.split)
+        utts = utils.read_utterances(args.data, args.split)
         items, skipped = common.tokenize_split(utts, tokenizer, clip_index, task, turns, max_len)
         if not items:
             raise SystemExit(f"{args.data}: no usable utterance in split {args.split!r}")
@@ -1078,7 +1097,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"{args.data}, split {args.split!r}: {e}") from None
     if "rsa" in parts:
         index = read_index(args.index)
-        pos = common.PosTagger(args.spacy_model) if rsa_inject != "none" else None
+        pos = utils.PosTagger(args.spacy_model) if rsa_inject != "none" else None
         r_items = rsa_items(index, args.index, tokenizer, args.data, clip_index, pos, max_len)
     with_words = [it for it in items if len(it.t_p)]  # what attention and the logit lens read
 
@@ -1087,9 +1106,9 @@ def main(argv: list[str] | None = None) -> None:
     if g is not None and (any(len(it.t_p) for it in [*items, *r_items]) or "compare" in parts):
         if (encoder := args.encoder or cfg.get("encoder")) is None:
             raise SystemExit(f"{args.projector}: projector.json names no encoder: give --encoder")
-        V, _ = common.load_encoder(encoder, device)
-        frames = common.open_frames(args.data)
-        feats = common.cached_features(V, args.data, frames, device, args.batch_size).to(device)
+        V, _ = utils.load_encoder(encoder, device)
+        frames = utils.open_frames(args.data)
+        feats = utils.cached_features(V, args.data, frames, device, args.batch_size).to(device)
     social = partial(social_vectors, g, feats, clip_index, layout, donors)  # (items, condition)
 
     if "ppl" in parts:  # ============ perplexity under every condition ============
@@ -1100,7 +1119,7 @@ def main(argv: list[str] | None = None) -> None:
         ppl = ppl_report(nll, tok, args.bootstrap, args.seed, layout)
         ppl.update(split=args.split, utterances=n, steps=args.steps, skipped=skipped, donors=donors)
         ppl.update(controls_layout=layout, bootstrap=args.bootstrap, seed=args.seed, **source)
-        common.write_json(out / "ppl.json", {**ppl, "utterances_per_s": n / seconds})
+        utils.write_json(out / "ppl.json", {**ppl, "utterances_per_s": n / seconds})
         plot_ppl(ppl, out / "ppl.png")
 
     if "attention" in parts:  # ============ attention to social tokens ============
@@ -1108,7 +1127,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"{args.data}: no {args.split} utterance has a content word")
         k, bs = args.top_heads, args.batch_size
         att, heat = run_attention(L, tokenizer, chosen, social, layout, bs, k, device)
-        common.write_json(out / "attention.json", att)
+        utils.write_json(out / "attention.json", att)
         tokens, title = att["example"]["tokens"], "one held-out example"
         plot_attention_heatmaps(heat, tokens, out / "attention_example.png", title)
         lines = {}  # [SOC-G] and [SOC-L] per layer, a line style per condition
@@ -1120,27 +1139,27 @@ def main(argv: list[str] | None = None) -> None:
     if "logit_lens" in parts:  # ============ what L's head reads at social tokens ============
         chosen, k, bs = with_words[: args.lens_examples], args.top_k, args.batch_size
         lens = logit_lens(L, tokenizer, chosen, social, layout, bs, k, device)
-        common.write_json(out / "logit_lens.json", lens)
+        utils.write_json(out / "logit_lens.json", lens)
 
     if "compare" in parts:  # ============ two projectors' [SOC-L] on the same frames ============
         g_b, cfg_b = load_projector(args.compare, device)
         if cfg_b["out_dim"] != cfg["out_dim"] or not cfg_b.get("encoder"):
             raise SystemExit(f"--compare {args.compare}: not a g for {lm} with its encoder")
-        V_b, _ = common.load_encoder(cfg_b["encoder"], device)
-        feats_b = common.cached_features(V_b, args.data, frames, device, args.batch_size)
-        rows = [r["frame_idx"] for r in common.read_manifest(args.data) if r["split"] == args.split]
+        V_b, _ = utils.load_encoder(cfg_b["encoder"], device)
+        feats_b = utils.cached_features(V_b, args.data, frames, device, args.batch_size)
+        rows = [r["frame_idx"] for r in utils.read_manifest(args.data) if r["split"] == args.split]
         pair = compare_projectors(g, feats, g_b, feats_b.to(device), torch.tensor(rows))
         names = {"a": str(args.projector), "b": str(args.compare), "split": args.split}
-        common.write_json(out / "compare.json", {**names, **pair})
+        utils.write_json(out / "compare.json", {**names, **pair})
 
     if {"generate", "bias"} & set(parts):  # ============ prompts and scenes ============
         usable = donors if donors is not None else clip_index  # `shuffled` needs a donor clip
-        utts = [u for u in common.read_utterances(args.data, args.split) if u["clip_id"] in usable]
+        utts = [u for u in utils.read_utterances(args.data, args.split) if u["clip_id"] in usable]
         context = earlier_turns(utts, turns if task == "next-utterance" else 0)
         prompts = [prompt_of(u, args.prompt_words, c) for u, c in zip(utts, context, strict=True)]
         mid = [{"clip_id": u["clip_id"], "t_sec": (u["start"] + u["end"]) / 2} for u in utts]
         scenes = scene_labels(scenes_csv, mid) if scenes_csv.exists() else [None] * len(utts)
-        score, tagger = partial(score_generations, utts, prompts, scenes=scenes), common.PosTagger()
+        score, tagger = partial(score_generations, utts, prompts, scenes=scenes), utils.PosTagger()
         decoding = dict(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                         temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                         stop=(".", "\n"), inject=layout)  # fmt: skip
@@ -1159,11 +1178,11 @@ def main(argv: list[str] | None = None) -> None:
         new = sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
         records, hits = score(gens)
         lines = "".join(json.dumps(r) + "\n" for r in records)
-        common.atomic_write(out / "generate.jsonl", lambda tmp: Path(tmp).write_text(lines))
+        utils.atomic_write(out / "generate.jsonl", lambda tmp: Path(tmp).write_text(lines))
         report = accuracy_report(hits, args.bootstrap, args.seed) if any(hits.values()) else {}
         report.update(split=args.split, prompt_words=args.prompt_words, seconds=seconds,
                       tokens_per_s=new / seconds)  # fmt: skip
-        common.write_json(out / "generate.json", {**report, "examples": records[:6], **source})
+        utils.write_json(out / "generate.json", {**report, "examples": records[:6], **source})
 
     if "bias" in parts:  # ============ the social-aware attention bias (seed 002) ============
         if args.split == "val":
@@ -1173,23 +1192,23 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"{args.data}: the bias tunes alpha on split 'val': no utterance "
                              f"there has a content word")  # fmt: skip
         bias = run_bias(args, L, val, items, social, layout, conditions, decode, score)
-        common.write_json(out / "bias.json", {**bias, **source})
+        utils.write_json(out / "bias.json", {**bias, **source})
         lines = {c: (r["per_layer"], "o-", None) for c, r in bias["attention"].items()}
         plot_layers(out / "bias_attention.png", "share on [SOC-*] (text queries)", lines)
 
     if "example" in parts:  # ============ one sentence beside its frames ============
         from PIL import Image
 
-        V, _ = common.load_encoder(args.encoder or cfg["encoder"], device)
+        V, _ = utils.load_encoder(args.encoder or cfg["encoder"], device)
         if (size := cfg.get("frame_size")) is None:  # an older projector.json: a guess
             size = [V.patch_embed.img_size[0]] * 2
             print(f"evaluate: {args.projector} names no frame_size; frames letterboxed to {size}")
         images = []
         for path in args.frame:
             with Image.open(path) as im:
-                images.append(common.letterbox(np.asarray(im.convert("RGB")), *size))
+                images.append(utils.letterbox(np.asarray(im.convert("RGB")), *size))
         view, heat = example_view(L, tokenizer, g, V, layout, args.text, images, device)
-        common.write_json(out / "example.json", view)
+        utils.write_json(out / "example.json", view)
         plot_attention_heatmaps(heat, view["sequence"], out / "example_attention.png", args.text)
         print(json.dumps({k: view[k] for k in ("sequence", "continuation")}, indent=1))
 
@@ -1212,7 +1231,7 @@ def main(argv: list[str] | None = None) -> None:
         results = [{"human": name, **rsa_report(sims, h, *stats, t)} for name, h, t in targets]
         rsa = dict(pool=args.pool, inject=rsa_inject, index=str(args.index), items=len(ids))
         rsa["similarity"] = "1 - correlation distance of pooled hidden states"
-        common.write_json(out / "rsa.json", {**rsa, "results": results, **source})
+        utils.write_json(out / "rsa.json", {**rsa, "results": results, **source})
         r = results[0]
         lines = {"all items (descriptive)": (r["per_layer_rho_all_items"], "o-", "tab:gray")}
         plot_layers(out / "rsa_layers.png", "Spearman rho (model vs human)", lines, r)
@@ -1220,22 +1239,22 @@ def main(argv: list[str] | None = None) -> None:
     if "encoder_probe" in parts:  # ============ what DINO adds to V: a linear probe ============
         encoder = Path(args.encoder or cfg["encoder"])
         encoder = encoder if encoder.is_file() else encoder / "encoder.safetensors"
-        rows, frames = common.read_manifest(args.data), common.open_frames(args.data)
+        rows, frames = utils.read_manifest(args.data), utils.open_frames(args.data)
         labels = scene_labels(scenes_csv, rows)
         probe = {"split": args.split, "encoder": str(encoder), "frames": {}}
         start = encoder.with_name("start.safetensors")  # V before DINO (older train_dino: none)
         for name, path in (("untrained", start), ("fine_tuned", encoder)):
             if path.exists():
-                V, _ = common.load_encoder(path, device)
-                z = common.cached_features(V, args.data, frames, device, args.batch_size)
+                V, _ = utils.load_encoder(path, device)
+                z = utils.cached_features(V, args.data, frames, device, args.batch_size)
                 fit = encoder_probe(z, rows, labels, args.split)
                 probe[name], probe["chance"], probe["frames"] = fit
-        common.write_json(out / "encoder_probe.json", probe)
+        utils.write_json(out / "encoder_probe.json", probe)
 
     # ============ summary.md of every part's JSON in OUT/eval (earlier runs' too) ============
     done = {k: json.loads(p.read_text()) for k in PARTS if (p := out / f"{k}.json").exists()}
     text = summary_markdown(**done)
-    common.atomic_write(out / "summary.md", lambda tmp: Path(tmp).write_text(text))
+    utils.atomic_write(out / "summary.md", lambda tmp: Path(tmp).write_text(text))
     print(text)
 
 

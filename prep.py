@@ -45,7 +45,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from common import (
+from demo import make_demo
+from utils import (
     DEFAULT_SPACY_MODEL,
     MANIFEST_COLUMNS,
     PosTagger,
@@ -56,7 +57,6 @@ from common import (
     word_times,
     write_json,
 )
-from demo import make_demo
 
 VIDEO_EXTS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v")
 TRANSCRIPT_EXTS = (".json", ".srt", ".vtt")
@@ -255,7 +255,7 @@ def hash_split(clip_id: str, val_frac: float, test_frac: float) -> str:
 
 
 def read_rows(path: Path, columns: tuple[str, ...]) -> list[tuple[int, dict]]:
-    """common.read_csv, its errors (no file, a column missing) as PrepError."""
+    """utils.read_csv, its errors (no file, a column missing) as PrepError."""
     try:
         return read_csv(path, columns)
     except (OSError, ValueError) as e:

@@ -29,7 +29,7 @@ from timm.models.vision_transformer import checkpoint_filter_fn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-import common
+import utils
 
 # the flags that define what is trained: a checkpoint made with others is refused
 IDENTITY = ("arch", "depth", "embed_dim", "out_dim", "head_hidden", "bottleneck", "pretrained",
@@ -52,11 +52,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--seed", type=int, default=0, help="seed of data order, crops and init")
     add("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if any")
     # V and the DINO head
-    add("--arch", default=common.DEFAULT_ARCH, help="timm ViT name (V)")
+    add("--arch", default=utils.DEFAULT_ARCH, help="timm ViT name (V)")
     start = p.add_mutually_exclusive_group()
     start.add_argument("--pretrained", action="store_true", help="start from timm's hub weights")
     start.add_argument("--init", default=None, help="start from local weights (.safetensors/.pth)")
-    add("--layerscale-init", type=float, default=common.LAYERSCALE_INIT, help="γ of a random V")
+    add("--layerscale-init", type=float, default=utils.LAYERSCALE_INIT, help="γ of a random V")
     add("--depth", type=int, default=None, help="override the ViT depth (quick runs)")
     add("--embed-dim", type=int, default=None, help="override the ViT width, heads = width/64")
     add("--drop-path", type=float, default=0.1, help="stochastic depth of the student")
@@ -147,7 +147,7 @@ def dino_loss(student_out, teacher_out, center, teacher_temp, student_temp=0.1):
 @torch.no_grad()
 def update_center(center, teacher_out, momentum: float = 0.9) -> torch.Tensor:
     """center <- m·center + (1 - m)·mean teacher output of the global batch (all ranks' mean)."""
-    batch_center = common.all_reduce_mean(teacher_out.float().mean(0, keepdim=True))
+    batch_center = utils.all_reduce_mean(teacher_out.float().mean(0, keepdim=True))
     return center * momentum + batch_center * (1 - momentum)
 
 
@@ -192,9 +192,9 @@ def schedules(args, total: int, steps_per_epoch: int, device) -> dict:
     temp = np.linspace(args.warmup_teacher_temp, args.teacher_temp, warm)  # then constant
     temp = np.concatenate([temp, np.full(total - warm, args.teacher_temp)])
     return {
-        "lr": common.cosine_schedule(peak_lr, args.min_lr, total, in_steps(args.warmup_epochs)),
-        "weight_decay": common.cosine_schedule(args.weight_decay, args.weight_decay_end, total),
-        "momentum": common.cosine_schedule(m0, 1.0, total),
+        "lr": utils.cosine_schedule(peak_lr, args.min_lr, total, in_steps(args.warmup_epochs)),
+        "weight_decay": utils.cosine_schedule(args.weight_decay, args.weight_decay_end, total),
+        "momentum": utils.cosine_schedule(m0, 1.0, total),
         "teacher_temp": torch.tensor(temp, dtype=torch.float32, device=device),
         "freeze_last_layer": np.arange(total) < in_steps(args.freeze_last_layer),
     }
@@ -211,7 +211,7 @@ def build_networks(args: argparse.Namespace) -> tuple[MultiCropNet, MultiCropNet
     """Student (V + DINO head) and teacher (a copy: no gradient, eval mode so no drop-path; a
     BatchNorm head in train mode, on batch statistics, as DINO's teacher)."""
     layerscale = None if args.init else args.layerscale_init  # --init: the file's LayerScale
-    V = common.build_vit(args.arch, pretrained=args.pretrained, layerscale_init=layerscale,
+    V = utils.build_vit(args.arch, pretrained=args.pretrained, layerscale_init=layerscale,
                          img_size=args.global_size, drop_path_rate=args.drop_path,
                          **vit_overrides(args))  # fmt: skip
     if args.init:
@@ -288,13 +288,13 @@ class FrameBatches:
     function of the step: a resumed run sees the same data, N ranks what one sees."""
 
     def __init__(self, data_dir, splits: list[str], batch, rank, world, seed: int) -> None:
-        rows = common.read_manifest(data_dir)
+        rows = utils.read_manifest(data_dir)
         self.ids = np.array(sorted({r["frame_idx"] for r in rows if r["split"] in splits}))
         if len(self.ids) == 0:
             raise ValueError(f"{data_dir}/manifest.csv: no frames in split(s) {splits}: "
                              f"{sorted({r['split'] for r in rows})}")  # fmt: skip
         self.rank, self.world, self.seed = rank, world, seed
-        self.batch = common.rank_batch(batch, world)  # this rank's rows of each step
+        self.batch = utils.rank_batch(batch, world)  # this rank's rows of each step
         self.steps_per_epoch = len(self.ids) // batch
         if self.steps_per_epoch == 0:
             raise ValueError(f"{len(self.ids)} training frames cannot fill one step of {batch} "
@@ -367,19 +367,19 @@ def train_step(student, teacher, opt, loss_fn, center, sched, step, globals_, lo
 
 def train_dino(args: argparse.Namespace) -> dict:
     """Train (or resume) DINO, export the teacher's V; return this rank's last checkpoint state."""
-    rank, world, device = common.setup_distributed(args.device)
+    rank, world, device = utils.setup_distributed(args.device)
     out, cuda = Path(args.out), device.type == "cuda"
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "checkpoint.pt"
 
     # ============ preparing data ... ============
-    frames = common.open_frames(args.data)
+    frames = utils.open_frames(args.data)
     batches = FrameBatches(args.data, args.splits, args.batch_size, rank, world, args.seed)
     spe = batches.steps_per_epoch
     total = args.steps or max(1, round(args.epochs * spe))
 
     # ============ building student and teacher networks ... ============
-    common.seed_everything(args.seed)  # every rank starts from the same weights
+    utils.seed_everything(args.seed)  # every rank starts from the same weights
     student, teacher = (net.to(device) for net in build_networks(args))
     nets = [student, teacher, dino_loss, render_views]
     if args.compile:  # static shapes: one graph per crop size, not one dynamic graph for both
@@ -389,30 +389,30 @@ def train_dino(args: argparse.Namespace) -> dict:
         student_fwd = DDP(student_fwd, device_ids=[device.index] if cuda else None)
 
     # ============ optimizer and schedules ... ============
-    opt = torch.optim.AdamW(common.param_groups(student, args.weight_decay), lr=0.0, fused=cuda)
+    opt = torch.optim.AdamW(utils.param_groups(student, args.weight_decay), lr=0.0, fused=cuda)
     sched = schedules(args, total, spe, device)
     center = torch.zeros(1, args.out_dim, device=device)
 
     # ============ optionally resume training ... ============
-    state, start = common.resume_checkpoint(ckpt_path, args, IDENTITY), 0  # RNG: (seed, step)
+    state, start = utils.resume_checkpoint(ckpt_path, args, IDENTITY), 0  # RNG: (seed, step)
     if state is not None:
         student.load_state_dict(state["student"])
         teacher.load_state_dict(state["teacher"])
         opt.load_state_dict(state["optimizer"])
         center, start = state["center"].to(device), state["step"]
-    elif common.is_main():  # V before DINO: the control of evaluate's probe
-        common.export_encoder(teacher.backbone, out, {**export_config(args), "steps": 0}, "start")
-    common.print0(f"train_dino: {len(batches.ids)} frames, global batch {args.batch_size} = {world} "
+    elif utils.is_main():  # V before DINO: the control of evaluate's probe
+        utils.export_encoder(teacher.backbone, out, {**export_config(args), "steps": 0}, "start")
+    utils.print0(f"train_dino: {len(batches.ids)} frames, global batch {args.batch_size} = {world} "
                   f"x {batches.batch}, {spe} steps/epoch, steps {start}->{total}")  # fmt: skip
 
     # ============ training ... ============
     flops = step_flops(student.backbone, student.head, args)  # per frame
-    peak = common.matmul_peak_tflops(device, torch.bfloat16 if cuda else torch.float32)
+    peak = utils.matmul_peak_tflops(device, torch.bfloat16 if cuda else torch.float32)
     gen = torch.Generator(device)
     loss_sum, n_log, t_log, record = torch.zeros((), device=device), 0, time.perf_counter(), {}
-    bar = tqdm(total=total, initial=start, desc="train_dino", disable=not common.is_main())
+    bar = tqdm(total=total, initial=start, desc="train_dino", disable=not utils.is_main())
     for step, batch in enumerate(prefetch(frames, batches, start, total, pin=cuda), start=start):
-        common.fail_point(rank, step)
+        utils.fail_point(rank, step)
         seed_step(args.seed, step, rank, gen)
         with torch.no_grad():
             globals_, locals_ = multi_crop(batch.to(device, non_blocking=True), args, gen, render)
@@ -425,17 +425,17 @@ def train_dino(args: argparse.Namespace) -> dict:
         if not (log or save):
             continue
         # host syncs at logs and saves only; a non-finite loss in the window makes its mean so
-        mean_loss = common.all_reduce_mean(loss_sum / n_log).item()
-        common.check_finite(mean_loss, done, ckpt_path, "Lower --lr or raise --warmup-epochs.")
+        mean_loss = utils.all_reduce_mean(loss_sum / n_log).item()
+        utils.check_finite(mean_loss, done, ckpt_path, "Lower --lr or raise --warmup-epochs.")
         if log:
             ips = batches.batch * n_log / (time.perf_counter() - t_log)  # this rank's
             record = {"step": done, "epoch": done / spe, "loss": mean_loss}
             record.update({k: float(v[step]) for k, v in sched.items() if k != "freeze_last_layer"})
             record.update(images_per_s_per_device=ips, images_per_s=ips * world,
                           mfu=ips * flops / (peak * 1e12),
-                          peak_mem_gb=common.peak_memory_gb(device),
+                          peak_mem_gb=utils.peak_memory_gb(device),
                           **teacher_stats(t_out, center, sched["teacher_temp"][step]))  # fmt: skip
-            common.log_metrics(out, record)
+            utils.log_metrics(out, record)
             bar.set_postfix(loss=f"{mean_loss:.4f}", ips=f"{ips:.1f}", mfu=f"{record['mfu']:.1%}")
             loss_sum.zero_()
             t_log, n_log = time.perf_counter(), 0
@@ -443,24 +443,24 @@ def train_dino(args: argparse.Namespace) -> dict:
             t_save = time.perf_counter()
             state = {"student": student.state_dict(), "teacher": teacher.state_dict(),
                      "optimizer": opt.state_dict(), "center": center.cpu(), "step": done}  # fmt: skip
-            if common.is_main():
-                common.save_checkpoint(ckpt_path, state, args)
+            if utils.is_main():
+                utils.save_checkpoint(ckpt_path, state, args)
             t_log += time.perf_counter() - t_save  # writing a checkpoint is no training time
     bar.close()
-    common.plot_metrics(out, ("loss", "teacher_mi", "prototypes_used", "lr"))
+    utils.plot_metrics(out, ("loss", "teacher_mi", "prototypes_used", "lr"))
 
     # ============ export the teacher's V ... ============
     ln_k = math.log(args.out_dim)  # the loss of uniform targets: DINO's trivial fixed point
     loss, mi = record.get("loss", 0.0), record.get("teacher_mi")
     if uniform := loss > 0.99 * ln_k:
-        common.print0(f"train_dino: WARNING: DINO is at its uniform fixed point (loss {loss:.3f}, "
+        utils.print0(f"train_dino: WARNING: DINO is at its uniform fixed point (loss {loss:.3f}, "
                       f"ln K {ln_k:.3f}, teacher MI {mi:.3f}): every frame gets the same target, V "
                       "learned nothing. Try --bn-head, lower --jitter-p --grey-p --blur-p "
                       "--solarize-p or --teacher-temp, or --pretrained / --init.")  # fmt: skip
-    if common.is_main():
+    if utils.is_main():
         cfg = {**export_config(args), "steps": total, "final_loss": record.get("loss"),
                "uniform_fixed_point": uniform}  # fmt: skip
-        print(f"train_dino: wrote {common.export_encoder(teacher.backbone, out, cfg)}")
+        print(f"train_dino: wrote {utils.export_encoder(teacher.backbone, out, cfg)}")
     return state
 
 
@@ -637,11 +637,11 @@ def multi_crop(frames: torch.Tensor, args, gen: torch.Generator, render=render_v
     g = draw_views(b, 2, h, w, args.global_scale, [b1, b2], [0.0, args.solarize_p], gen, *colour)
     loc = draw_views(b, n, h, w, args.local_scale, [bl] * n, [0.0] * n, gen, *colour)
     crops = (render(img, g, args.global_size, basis), render(img, loc, args.local_size, basis))
-    return tuple(common.normalize_frames(x) for x in crops)
+    return tuple(utils.normalize_frames(x) for x in crops)
 
 
 def main(argv: list[str] | None = None) -> None:
-    with common.distributed_exit():
+    with utils.distributed_exit():
         train_dino(parse_args(argv))
 
 

@@ -33,6 +33,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import common
+import utils
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -47,9 +48,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of g's init, V's init, batch order")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     # what is trained
-    p.add_argument("--lm", default=common.EMBEDDED_LM, help="L: gemma3-270m, hub id, folder")
+    p.add_argument("--lm", default=utils.EMBEDDED_LM, help="L: gemma3-270m, hub id, folder")
     p.add_argument("--encoder", type=Path, help="V: a train_dino.py --out (none: a random --arch)")
-    p.add_argument("--arch", default=common.DEFAULT_ARCH, help="timm ViT for a random V")
+    p.add_argument("--arch", default=utils.DEFAULT_ARCH, help="timm ViT for a random V")
     p.add_argument("--inject", default="full", choices=common.INJECT_MODES, help="[SOC-*] put in")
     p.add_argument("--task", default="utterance", choices=("utterance", "next-utterance"))
     p.add_argument("--context-turns", type=int, default=3, help="earlier turns (next-utterance)")
@@ -113,7 +114,7 @@ def soc_l_of_frames(g, V, rows: list[np.ndarray], features, frames, device) -> t
         v = features[torch.from_numpy(uniq).to(features.device)]
     else:
         x = torch.from_numpy(np.ascontiguousarray(frames[uniq])).to(device, non_blocking=True)
-        v = V(common.normalize_frames(x))
+        v = V(utils.normalize_frames(x))
     return g(v[torch.from_numpy(inverse.astype(np.int64)).to(device)])
 
 
@@ -148,23 +149,23 @@ def lm_flops(config, lengths: np.ndarray, n_scored: int, backward: bool = True) 
 
 def train_proj(args: argparse.Namespace):
     """Train g (and V) against the frozen L; returns (g, L)."""
-    rank, world, device = common.setup_distributed(args.device)
-    per_rank = common.rank_batch(args.batch_size, world)
+    rank, world, device = utils.setup_distributed(args.device)
+    per_rank = utils.rank_batch(args.batch_size, world)
     args.out.mkdir(parents=True, exist_ok=True)
     args.compile = device.type == "cuda" if args.compile is None else args.compile
-    common.seed_everything(args.seed)
+    utils.seed_everything(args.seed)
 
     # ============ loading L and the data ============
     dtype = None if args.lm_dtype == "auto" else getattr(torch, args.lm_dtype)
-    L, tokenizer = common.load_lm(args.lm, device, dtype, attn_implementation=args.attn)
+    L, tokenizer = utils.load_lm(args.lm, device, dtype, attn_implementation=args.attn)
     if args.compile:
-        common.compile_lm(L)
-    manifest = common.read_manifest(args.data)
-    clip_index = common.clip_frame_index(manifest)
-    frames = common.open_frames(args.data)
+        utils.compile_lm(L)
+    manifest = utils.read_manifest(args.data)
+    clip_index = utils.clip_frame_index(manifest)
+    frames = utils.open_frames(args.data)
     sets, report = {}, {}
     for split in ("train", "val"):
-        utts = common.read_utterances(args.data, split)
+        utts = utils.read_utterances(args.data, split)
         items, skipped = common.tokenize_split(
             utts, tokenizer, clip_index, args.task, args.context_turns, args.max_len
         )
@@ -172,30 +173,30 @@ def train_proj(args: argparse.Namespace):
         lengths = np.array([common.social_length(it, args.inject) for it in items], dtype=np.int64)
         sets[split] = (items, rows, lengths)
         report[split] = {"utterances": len(utts), "used": len(items), "skipped": skipped}
-    if common.is_main():
-        common.write_json(args.out / "data_report.json", report)
+    if utils.is_main():
+        utils.write_json(args.out / "data_report.json", report)
     if not sets["train"][0]:
         raise SystemExit(f"{args.data}/utterances.jsonl: no usable train utterance (see report)")
 
     # ============ V, its features, and g ============
     if args.encoder is not None:
-        V, encoder_cfg = common.load_encoder(args.encoder, device)
+        V, encoder_cfg = utils.load_encoder(args.encoder, device)
     else:
         torch.manual_seed(args.seed)
-        V = common.build_vit(args.arch).to(device)
+        V = utils.build_vit(args.arch).to(device)
         encoder_cfg = {"arch": args.arch, "img_size": 224}
     V.train(args.train_encoder).requires_grad_(args.train_encoder)
     train_rows = np.array([r["frame_idx"] for r in manifest if r["split"] == "train"])
     features, v_train = None, None
     if args.inject != "none" and not args.train_encoder:
-        features = common.cached_features(V, args.data, frames, device, args.encode_batch)
+        features = utils.cached_features(V, args.data, frames, device, args.encode_batch)
         features = features.to(device)
         v_train = features[torch.from_numpy(train_rows).to(device)]
     elif args.inject != "none":  # V's initial [CLS] of up to 1024 training frames
         pick = np.random.default_rng(args.seed).choice(
             train_rows, min(1024, len(train_rows)), False
         )
-        v_train = common.encode_frames(V, frames[np.sort(pick)], args.encode_batch, device)
+        v_train = utils.encode_frames(V, frames[np.sort(pick)], args.encode_batch, device)
     g = init_projector(V.embed_dim, L, v_train, args).to(device)
     g_fwd, V_fwd = g, V  # what the step calls: DDP averages the gradients across ranks
     if world > 1:
@@ -205,7 +206,7 @@ def train_proj(args: argparse.Namespace):
 
     def nll_of(s: str, idx, g_, V_) -> tuple[torch.Tensor, int]:
         items, rows, _ = sets[s]
-        with common.autocast(device):
+        with utils.autocast(device):
             return batch_nll(
                 L, g_, V_, [items[i] for i in idx], [rows[i] for i in idx],
                 features, frames, args, device,
@@ -240,18 +241,18 @@ def train_proj(args: argparse.Namespace):
     total = args.steps or max(1, round(args.epochs * per_epoch))
     if args.inject == "none":  # L alone: nothing to train, only its validation loss
         record = {"step": 0, **validate()}
-        common.log_metrics(args.out, record)
-        common.print0(f"train_proj: --inject none trains nothing; {record}")
+        utils.log_metrics(args.out, record)
+        utils.print0(f"train_proj: --inject none trains nothing; {record}")
         return g, L
 
     # ============ optimizer, schedule, optionally resume ============
-    groups = common.param_groups(g, args.weight_decay, base_lr=args.lr)
+    groups = utils.param_groups(g, args.weight_decay, base_lr=args.lr)
     if args.train_encoder:
-        groups += common.param_groups(V, args.weight_decay, base_lr=args.encoder_lr)
+        groups += utils.param_groups(V, args.weight_decay, base_lr=args.encoder_lr)
     optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.95), fused=device.type == "cuda")
-    lr_scale = common.cosine_schedule(1.0, 0.0, total, max(1, round(args.warmup * total)))
+    lr_scale = utils.cosine_schedule(1.0, 0.0, total, max(1, round(args.warmup * total)))
     ckpt_path = args.out / "checkpoint.pt"
-    ckpt = common.resume_checkpoint(ckpt_path, args, IDENTITY)
+    ckpt = utils.resume_checkpoint(ckpt_path, args, IDENTITY)
     step = 0
     if ckpt is not None:
         g.load_state_dict(ckpt["g"])
@@ -259,21 +260,21 @@ def train_proj(args: argparse.Namespace):
             V.load_state_dict(ckpt["V"])
         optimizer.load_state_dict(ckpt["optimizer"])
         step = int(ckpt["step"])
-        common.print0(f"train_proj: resumed from {ckpt_path} at step {step}")
+        utils.print0(f"train_proj: resumed from {ckpt_path} at step {step}")
     else:  # where g starts from: the reference for every later validation
-        common.log_metrics(args.out, {"step": 0, "epoch": 0.0, **validate()})
+        utils.log_metrics(args.out, {"step": 0, "epoch": 0.0, **validate()})
 
     # ============ training ============
-    common.print0(
+    utils.print0(
         f"train_proj: {len(lengths)} utterances, global batch {args.batch_size} = {world} "
         f"process(es) x {per_rank}, {per_epoch} steps/epoch, steps {step}->{total}"
     )
-    peak = common.matmul_peak_tflops(device, L.dtype)
-    bar = tqdm(total=total, initial=step, desc="train_proj", disable=not common.is_main())
+    peak = utils.matmul_peak_tflops(device, L.dtype)
+    bar = tqdm(total=total, initial=step, desc="train_proj", disable=not utils.is_main())
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     n_tok, n_seen, flops, t0, record, batches = 0, 0, 0.0, time.perf_counter(), {}, []
     while step < total:
-        common.fail_point(rank, step)
+        utils.fail_point(rank, step)
         epoch, j = divmod(step, per_epoch)
         if j == 0 or not batches:  # one epoch's batches at a time
             batches = bucket_batches(lengths, args.batch_size, args.seed, epoch)
@@ -299,42 +300,42 @@ def train_proj(args: argparse.Namespace):
             if dist.is_initialized():  # every rank's share: the one host sync of the loop
                 dist.all_reduce(stats)
             loss = stats[0].item() / max(stats[1].item(), 1)
-            common.check_finite(loss, step, ckpt_path, "Lower --lr?")
-            common.sync(device)
+            utils.check_finite(loss, step, ckpt_path, "Lower --lr?")
+            utils.sync(device)
             dt = time.perf_counter() - t0
             record = {
                 "step": step, "epoch": step / per_epoch, "loss": loss,
                 "ppl": math.exp(min(loss, 700)), "lr": optimizer.param_groups[0]["lr"],
                 "tokens_per_s": stats[2].item() / dt, "mfu": stats[3].item() / dt / (peak * 1e12 * world),
-                "peak_mem_gb": common.peak_memory_gb(device),
+                "peak_mem_gb": utils.peak_memory_gb(device),
             }  # fmt: skip
-            common.log_metrics(args.out, record)
+            utils.log_metrics(args.out, record)
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
             loss_sum.zero_()
             n_tok, n_seen, flops, t0 = 0, 0, 0.0, time.perf_counter()
         if step % (args.val_every or per_epoch) == 0 or step == total:
             val = {"step": step, "epoch": step / per_epoch, **validate()}
-            common.log_metrics(args.out, val)
+            utils.log_metrics(args.out, val)
             if "val_loss" in val:
                 bar.write(f"step {step}: val loss {val['val_loss']:.4f} ppl {val['val_ppl']:.2f}")
             record, t0 = {**record, **val}, time.perf_counter()
         if step % args.save_every == 0 or step == total:
-            if common.is_main():
+            if utils.is_main():
                 state = {"g": g.state_dict(), "optimizer": optimizer.state_dict(), "step": step}
                 if args.train_encoder:
                     state["V"] = V.state_dict()
-                common.save_checkpoint(ckpt_path, state, args)
+                utils.save_checkpoint(ckpt_path, state, args)
             if dist.is_initialized():
                 dist.barrier()
     bar.close()
-    common.plot_metrics(args.out, ("loss", "val_ppl", "lr"))
+    utils.plot_metrics(args.out, ("loss", "val_ppl", "lr"))
 
     # ============ export ============
-    if common.is_main():
+    if utils.is_main():
         encoder = args.encoder
         if args.train_encoder or args.encoder is None:  # evaluate.py needs the V that g saw
             by = "train_proj.py --train-encoder" if args.train_encoder else "train_proj.py (random)"
-            common.export_encoder(V, args.out, {**encoder_cfg, "trained_by": by})
+            utils.export_encoder(V, args.out, {**encoder_cfg, "trained_by": by})
             encoder = args.out
         # relative to the projector's folder (lexically): the two can move together (out/ copied
         # off a GPU box)
@@ -347,7 +348,7 @@ def train_proj(args: argparse.Namespace):
             "frame_size": list(frames.shape[1:3]),  # the canvas V saw: evaluate --frame's
             **{k: record[k] for k in ("step", "val_loss", "val_ppl") if k in record},
         }  # fmt: skip
-        common.save_safetensors(args.out / "projector.safetensors", g.state_dict(), config)
+        utils.save_safetensors(args.out / "projector.safetensors", g.state_dict(), config)
         print(f"train_proj: wrote {args.out / 'projector.safetensors'}")
     return g, L
 
@@ -370,7 +371,7 @@ def bucket_batches(lengths, batch_size: int, seed: int, epoch: int) -> list[np.n
 
 
 def main(argv: list[str] | None = None) -> None:
-    with common.distributed_exit():
+    with utils.distributed_exit():
         train_proj(get_args_parser().parse_args(argv))
 
 

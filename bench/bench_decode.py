@@ -19,8 +19,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import common  # noqa: E402
 import evaluate as ev  # noqa: E402
+import utils  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -40,18 +40,18 @@ def main() -> None:
     args = get_args_parser().parse_args()
     device = torch.device(args.device)
     g, cfg = ev.load_projector(args.projector, device)
-    V, _ = common.load_encoder(cfg["encoder"], device)
-    feats = common.cached_features(V, args.data, common.open_frames(args.data), device, 64)
-    clip_index = common.clip_frame_index(common.read_manifest(args.data))
-    utts = common.read_utterances(args.data, args.split)
+    V, _ = utils.load_encoder(cfg["encoder"], device)
+    feats = utils.cached_features(V, args.data, utils.open_frames(args.data), device, 64)
+    clip_index = utils.clip_frame_index(utils.read_manifest(args.data))
+    utts = utils.read_utterances(args.data, args.split)
     turns = cfg["context_turns"] if cfg.get("task") == "next-utterance" else 0
     context = ev.earlier_turns(utts, turns)  # as evaluate reads the prompts
     prompts = [ev.prompt_of(u, 2, c) for u, c in zip(utts, context, strict=True)][: args.prompts]
-    tagger = common.PosTagger()
+    tagger = utils.PosTagger()
     rows = []
     for dtype in args.lm_dtype:
-        L, tokenizer = common.load_lm(
-            cfg.get("lm", common.EMBEDDED_LM), device, getattr(torch, dtype)
+        L, tokenizer = utils.load_lm(
+            cfg.get("lm", utils.EMBEDDED_LM), device, getattr(torch, dtype)
         )
         with torch.no_grad():
             social = ev.prompt_social(g, feats.to(device), clip_index, None, prompts, "full")
@@ -64,10 +64,10 @@ def main() -> None:
                     inject=cfg["inject"],
                 )
                 ev.run_generate(L, tokenizer, prompts[:bs], social[:bs], tagger, **kw)  # warm-up
-                common.sync(device)
+                utils.sync(device)
                 t0 = time.perf_counter()
                 out = ev.run_generate(L, tokenizer, prompts, social, tagger, **kw)
-                common.sync(device)
+                utils.sync(device)
                 sec = time.perf_counter() - t0
                 new = sum(
                     len(tokenizer(o["text"], add_special_tokens=False)["input_ids"]) for o in out

@@ -9,7 +9,7 @@ DINO loss, AdamW, EMA) is fed two ways in one run:
        flip, ColorJitter, RandomGrayscale, PIL GaussianBlur, Solarization, ToTensor, Normalize)
        in --workers DataLoader worker processes per GPU (DINO's default 10), pinned batches
 MFU = images/s x model FLOPs per image (train_dino.step_flops, per crop resolution) / the bf16
-matmul rate measured on the same GPU in the same run (common.matmul_peak_tflops).
+matmul rate measured on the same GPU in the same run (utils.matmul_peak_tflops).
 Frames are synthesised (random uint8, 224x392 canvas), so only torch, timm, numpy and PIL are needed.
 
   python bench/bench_dino.py                                   # one GPU
@@ -32,8 +32,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import common  # noqa: E402
 import train_dino  # noqa: E402
+import utils  # noqa: E402
 
 SHORT = {"vit_small_patch14_dinov2": "ViT-S/14", "vit_base_patch14_dinov2": "ViT-B/14"}
 
@@ -116,7 +116,7 @@ class DinoAugmentation:
                 T.RandomGrayscale(p=0.2),
             ]
         )
-        norm = T.Compose([T.ToTensor(), T.Normalize(common.IMAGENET_MEAN, common.IMAGENET_STD)])
+        norm = T.Compose([T.ToTensor(), T.Normalize(utils.IMAGENET_MEAN, utils.IMAGENET_STD)])
         crop_g = T.RandomResizedCrop(global_size, scale=(0.4, 1.0), interpolation=bicubic)
         crop_l = T.RandomResizedCrop(local_size, scale=(0.05, 0.4), interpolation=bicubic)
         self.global1 = T.Compose([crop_g, flip_jitter, PILBlur(1.0), norm])
@@ -172,7 +172,7 @@ def build_step(args, device, world: int, steps_per_epoch: int, total: int, eager
     sections) -> (student, render, step): step(i, globals_, locals_) is train_dino.train_step,
     the centre carried from step to step; render is the multi-crop's (compiled unless eager_aug)."""
     cuda = device.type == "cuda"
-    common.seed_everything(args.seed)
+    utils.seed_everything(args.seed)
     student, teacher = (net.to(device) for net in train_dino.build_networks(args))
     nets = [student, teacher, train_dino.dino_loss, train_dino.render_views]
     if args.compile:
@@ -180,7 +180,7 @@ def build_step(args, device, world: int, steps_per_epoch: int, total: int, eager
     student_fwd, teacher_fwd, loss_fn, render = nets
     if world > 1:
         student_fwd = DDP(student_fwd, device_ids=[device.index] if cuda else None)
-    opt = torch.optim.AdamW(common.param_groups(student, args.weight_decay), lr=0.0, fused=cuda)
+    opt = torch.optim.AdamW(utils.param_groups(student, args.weight_decay), lr=0.0, fused=cuda)
     sched = train_dino.schedules(args, total, steps_per_epoch, device)
     center = torch.zeros(1, args.out_dim, device=device)
 
@@ -279,12 +279,12 @@ def time_cpu_path(b, args, step_fn, data_file, first, steps, warmup, rank, world
 
 def mean_over_ranks(x: float, device: torch.device) -> float:
     t = torch.tensor([x], device=device, dtype=torch.float64)
-    return common.all_reduce_mean(t).item()
+    return utils.all_reduce_mean(t).item()
 
 
 def main() -> None:
     b = parse_args()
-    rank, world, device = common.setup_distributed(b.device)
+    rank, world, device = utils.setup_distributed(b.device)
     tmp = Path(b.tmp)
     data = tmp / "data"
     if rank == 0 and not (data / "frames.npy").exists():
@@ -300,8 +300,8 @@ def main() -> None:
         (data / "manifest.csv").write_text("\n".join(manifest) + "\n")
     if world > 1:
         dist.barrier()
-    frames = common.open_frames(data)
-    peak = common.matmul_peak_tflops(
+    frames = utils.open_frames(data)
+    peak = utils.matmul_peak_tflops(
         device, torch.bfloat16 if device.type == "cuda" else torch.float32
     )
     if rank == 0:
@@ -376,5 +376,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    with common.distributed_exit():
+    with utils.distributed_exit():
         main()

@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
 import evaluate as ev  # noqa: E402
 import train_proj  # noqa: E402
+import utils  # noqa: E402
 
 SHAPES = {  # decoder shapes; the vocabulary matters: the output head dominates short sequences
     "tiny": dict(
@@ -123,10 +124,10 @@ def main(argv: list[str] | None = None) -> None:
         c: np.array([common.social_length(it, layout(c)) for it in items]) for c in conditions
     }
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # L's
-    peak, nll = common.matmul_peak_tflops(device, dtype), {}
+    peak, nll = utils.matmul_peak_tflops(device, dtype), {}
     for mode in ("eager", "compiled") if args.compile else ("eager",):
         if mode == "compiled":
-            common.compile_lm(L)
+            utils.compile_lm(L)
         warm, compiled = items[: 2 * args.batch_size], mode == "compiled"  # kernels, autotuning
         ev.run_ppl(L, warm, ev.length_batches(warm, args.batch_size), conditions, social, device,
                    compiled)  # fmt: skip
@@ -144,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
             f"batch {args.batch_size} | ~{args.length} tokens, {args.words} content words | "
             f"{c} conditions | {n / seconds:.1f} utterances/s | {n * c / seconds:.1f} forwards/s | "
             f"MFU {flops / seconds / (peak * 1e12):.1%} of {peak:.3g} TFLOP/s | "
-            f"peak memory {common.peak_memory_gb(device):.2f} GiB"
+            f"peak memory {utils.peak_memory_gb(device):.2f} GiB"
         )
     if "compiled" in nll:
         diff = max(np.abs(nll["compiled"][k] / nll["eager"][k] - 1).max() for k in conditions)

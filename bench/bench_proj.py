@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import common  # noqa: E402
 import train_proj  # noqa: E402
+import utils  # noqa: E402
 
 GEMMA2_2B = dict(
     vocab_size=256000,
@@ -109,7 +110,7 @@ def step_fn(path: str, L, g, opt, items, feats):
     embed = L.get_input_embeddings()
 
     def step() -> None:
-        with common.autocast(feats.device):
+        with utils.autocast(feats.device):
             soc_l = g(feats)
             batch = common.insert_social_tokens(items, soc_l, embed, "full")
             if path == "plain":
@@ -133,16 +134,16 @@ def time_steps(step, device: torch.device, args) -> tuple[float, float]:
     """Median seconds per step and peak memory (GiB) of --steps steps after --warmup."""
     for _ in range(args.warmup):
         step()
-    common.sync(device)
+    utils.sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
     for _ in range(args.steps):
         t = time.perf_counter()
         step()
-        common.sync(device)
+        utils.sync(device)
         times.append(time.perf_counter() - t)
-    return float(np.median(times)), common.peak_memory_gb(device)
+    return float(np.median(times)), utils.peak_memory_gb(device)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     torch.manual_seed(0)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    peak = common.matmul_peak_tflops(device, dtype)
+    peak = utils.matmul_peak_tflops(device, dtype)
     L = build_lm(args.tiny, device)
     cfg = L.config
     lengths = [int(x) for x in args.lengths.split(",")]
@@ -165,11 +166,11 @@ def main(argv: list[str] | None = None) -> None:
     rows, plain_ms = [], {}
     for path in args.paths.split(","):
         if path == "ours+compile":  # in place, so after the eager paths
-            common.compile_lm(L)
+            utils.compile_lm(L)
         if path == "ours+compile+flex":
             del L
             L = build_lm(args.tiny, device, "flex_attention")
-            common.compile_lm(L)
+            utils.compile_lm(L)
         for length in lengths:
             items, feats, flops = data[length]
             torch.manual_seed(0)

@@ -10,7 +10,7 @@ perplexities are not (L knows no English).
   LM=/tmp/lm-random bash run_all.sh
 
 --like is a folder with config.json, tokenizer.json and tokenizer_config.json (the cache that
-common.embedded_lm_path writes; `tokenizer.json.xz` is accepted too, to carry it small).
+utils.embedded_lm_path writes; `tokenizer.json.xz` is accepted too, to carry it small).
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
 import demo  # noqa: E402
 import evaluate as ev  # noqa: E402
+import utils  # noqa: E402
 
 SLOTS = ("actor colour", "actor kind", "verb", "target colour", "other")
 
@@ -52,11 +53,11 @@ def main() -> None:
     g, cfg = ev.load_projector(args.projector, "cpu")
     if cfg.get("task", "utterance") != "utterance":
         raise SystemExit(f"{args.projector}: slot NLL reads --task utterance projectors only")
-    L, tokenizer = common.load_lm(cfg["lm"], "cpu", getattr(torch, cfg.get("lm_dtype", "float32")))
-    V, _ = common.load_encoder(cfg["encoder"], "cpu")
-    feats = common.cached_features(V, args.data, common.open_frames(args.data), "cpu", 64)
-    clip_index = common.clip_frame_index(common.read_manifest(args.data))
-    utts = common.read_utterances(args.data, args.split)
+    L, tokenizer = utils.load_lm(cfg["lm"], "cpu", getattr(torch, cfg.get("lm_dtype", "float32")))
+    V, _ = utils.load_encoder(cfg["encoder"], "cpu")
+    feats = utils.cached_features(V, args.data, utils.open_frames(args.data), "cpu", 64)
+    clip_index = utils.clip_frame_index(utils.read_manifest(args.data))
+    utts = utils.read_utterances(args.data, args.split)
     items, _ = common.tokenize_split(utts, tokenizer, clip_index, "utterance", 0, cfg["max_len"])
     donors = ev.shuffle_donors(sorted({it.clip_id for it in items if len(it.t_p)}), args.seed)
     social = partial(ev.social_vectors, g, feats, clip_index, cfg["inject"], donors)

@@ -4,7 +4,7 @@ rank that hangs dumps every thread's Python stack (faulthandler) and exits.
 
   torchrun --standalone --nproc_per_node=2 bench/teardown_probe.py CODE_DIR [train_dino flags]
 
-CODE_DIR holds the train_dino.py and common.py to probe. $PROBE_DELAY: seconds rank 0 sleeps
+CODE_DIR holds the train_dino.py and utils.py to probe. $PROBE_DELAY: seconds rank 0 sleeps
 before its final export (a slow disk or a large model); $PROBE_HANG_S: the faulthandler limit.
 """
 
@@ -20,8 +20,8 @@ import time
 sys.path.insert(0, os.path.abspath(sys.argv.pop(1)))
 import torch.distributed as dist  # noqa: E402
 
-import common  # noqa: E402
 import train_dino  # noqa: E402
+import utils  # noqa: E402
 
 RANK, T0 = int(os.environ.get("RANK", 0)), time.time()
 
@@ -48,7 +48,7 @@ def slow_export(V, out_dir, config, name="encoder"):
 
 
 faulthandler.dump_traceback_later(float(os.environ.get("PROBE_HANG_S", 240)), exit=True)
-common.export_encoder = traced("export_encoder", common.export_encoder, slow_export)
+utils.export_encoder = traced("export_encoder", utils.export_encoder, slow_export)
 dist.barrier = traced("barrier", dist.barrier)
 dist.destroy_process_group = traced("destroy_process_group", dist.destroy_process_group)
 atexit.register(log, "interpreter exit (last atexit handler)")

@@ -13,6 +13,7 @@ from test_decode import frames, prompt, tiny_gemma, tiny_tokenizer
 
 import common
 import evaluate as ev
+import utils
 from common import BOS, PAD, SOC_G, SOC_L, TEXT
 
 
@@ -138,7 +139,7 @@ def test_speaker_roles_on_a_tokenized_conversation():
 @pytest.mark.parametrize("alpha", [0.0, 1e4])
 def test_decoding_with_the_bias_keeps_the_cache_exact(L, alpha):
     """With the bias (roles growing as [SOC-L] go in): cache = full passes; alpha 0 = no bias."""
-    tagger = common.PosTagger(common.DEFAULT_SPACY_MODEL)
+    tagger = utils.PosTagger(utils.DEFAULT_SPACY_MODEL)
     tok, dim = tiny_tokenizer(), L.config.hidden_size
     base = torch.zeros(L.config.num_hidden_layers, L.config.num_attention_heads)
     bias = lambda batch: ev.bias_kwargs(L, batch, base, alpha, margin=-1.0, topk=0)  # noqa: E731
@@ -167,9 +168,9 @@ def test_decoding_marks_soc_g_a_social_key_and_the_summary_takes_any_layout(L):
 
     social = [frames([1.0, 2.0, 3.0], L.config.hidden_size), None]
     common.decode_social(L, tok, [prompt("The blue"), prompt("Now the")], social,
-                         common.PosTagger(), max_new_tokens=2, bias=bias)  # fmt: skip
+                         utils.PosTagger(), max_new_tokens=2, bias=bias)  # fmt: skip
     assert (seen[0] == SOC_G).sum(1).tolist() == [1, 0]
-    common.decode_social(L, tok, [prompt("The blue")], social[:1], common.PosTagger(),
+    common.decode_social(L, tok, [prompt("The blue")], social[:1], utils.PosTagger(),
                          max_new_tokens=2, bias=bias, inject="local")  # fmt: skip
     assert (seen[-1] == SOC_G).sum() == 0  # "blue", the last word, waits: no [SOC-L] yet either
     row = {"ppl": 3.0, "ci95": [2.0, 4.0]}

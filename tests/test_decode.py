@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-import common
 import evaluate as ev
-from common import decode_social, span_frames, training_soc_g
+import utils
+from common import decode_social, span_frames
 from demo import parse_demo_text
 
 # sub-words as Gemma writes them ("▁" a leading space); "zookeeper" is two tokens
@@ -42,7 +42,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def tagger():
-    return common.PosTagger(common.DEFAULT_SPACY_MODEL)
+    return utils.PosTagger(utils.DEFAULT_SPACY_MODEL)
 
 
 def tiny_gemma():
@@ -174,7 +174,7 @@ def test_without_lookahead_a_final_colour_is_a_noun(tokenizer, tagger):
 def test_training_soc_g_is_the_mean_of_the_words_soc_l(tokenizer, tagger):
     social = [frames([100, 101, 102], 4), None]
     utts = [prompt(TEXT), prompt(TEXT)]
-    soc_g = training_soc_g(tokenizer, torch.nn.Embedding(len(PIECES), 4), tagger, utts, social)
+    soc_g = ev.training_soc_g(tokenizer, torch.nn.Embedding(len(PIECES), 4), tagger, utts, social)
     torch.testing.assert_close(soc_g[0], torch.full((4,), (101 + 101 + 102) / 3))
     assert soc_g[1] is None
 

@@ -1,4 +1,4 @@
-"""train_dino.py and common.py §4 (the visual encoder V), on the CPU with tiny ViTs."""
+"""train_dino.py and utils.py's V (build, export, encode), on the CPU with tiny ViTs."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import common
 import train_dino
+import utils
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,7 +45,7 @@ def write_frames(data: Path, frames: np.ndarray, splits: list[str]) -> Path:
     (data / "frames.json").write_text(json.dumps({"height": h, "width": w, "count": n}))
     with open(data / "manifest.csv", "w", newline="") as f:
         out = csv.writer(f)
-        out.writerow(common.MANIFEST_COLUMNS)
+        out.writerow(utils.MANIFEST_COLUMNS)
         for i, split in enumerate(splits):
             out.writerow([split, f"c{i // 4}", i, f"frames/c{i // 4}/frame_{i % 4:05d}.jpg", i % 4])
     return data
@@ -84,13 +84,13 @@ def metrics(out: Path) -> list[dict]:
 
 
 def test_cosine_schedule_warmup_and_ends():
-    s = common.cosine_schedule(1.0, 0.1, total=100, warmup=10)
+    s = utils.cosine_schedule(1.0, 0.1, total=100, warmup=10)
     assert len(s) == 100
     assert s[0] == pytest.approx(0.1) and np.all(np.diff(s[:10]) > 0)  # linear warm-up
     assert s[9] == pytest.approx(1.0) and s[10] == pytest.approx(1.0)  # the peak, then cosine
     assert np.all(np.diff(s[10:]) < 0) and s[-1] == pytest.approx(0.1, abs=1e-3)
     assert s[55] == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 45 / 90)))
-    m = common.cosine_schedule(0.996, 1.0, total=50)
+    m = utils.cosine_schedule(0.996, 1.0, total=50)
     assert m[0] == pytest.approx(0.996) and m[-1] == pytest.approx(1.0, abs=1e-5)
 
 
@@ -181,11 +181,11 @@ def test_patch_matmul_is_the_patch_convolution():
     import timm
 
     torch.manual_seed(0)
-    V = common.build_vit(depth=1, img_size=56, layerscale_init=None)
+    V = utils.build_vit(depth=1, img_size=56, layerscale_init=None)
     torch.manual_seed(0)
-    plain = timm.create_model(common.DEFAULT_ARCH, num_classes=0, dynamic_img_size=True, depth=1,
+    plain = timm.create_model(utils.DEFAULT_ARCH, num_classes=0, dynamic_img_size=True, depth=1,
                               img_size=56)  # fmt: skip
-    assert isinstance(V.patch_embed.proj, common.PatchMatmul)
+    assert isinstance(V.patch_embed.proj, utils.PatchMatmul)
     ours, theirs = V.state_dict(), plain.state_dict()
     assert ours.keys() == theirs.keys() and all(ours[k].equal(theirs[k]) for k in ours)
     x = torch.randn(2, 3, 56, 98)
@@ -202,8 +202,8 @@ def test_multi_crop_shapes_ranges_determinism():
     frames = scene_frames(5)
     g, loc = crops(0, frames)
     assert g.shape == (2 * 5, 3, 56, 56) and loc.shape == (2 * 5, 3, 28, 28)
-    lo = (0 - torch.tensor(common.IMAGENET_MEAN)) / torch.tensor(common.IMAGENET_STD)
-    hi = (1 - torch.tensor(common.IMAGENET_MEAN)) / torch.tensor(common.IMAGENET_STD)
+    lo = (0 - torch.tensor(utils.IMAGENET_MEAN)) / torch.tensor(utils.IMAGENET_STD)
+    hi = (1 - torch.tensor(utils.IMAGENET_MEAN)) / torch.tensor(utils.IMAGENET_STD)
     for x in (g, loc):
         assert x.dtype == torch.float32 and torch.isfinite(x).all()
         per_channel = x.transpose(0, 1).reshape(3, -1)
@@ -447,7 +447,7 @@ def test_train_step_teacher_is_ema_of_student(tiny_data, tmp_path):
     torch.manual_seed(0)
     student, teacher = train_dino.build_networks(args)
     assert all(not p.requires_grad for p in teacher.parameters())
-    opt = torch.optim.AdamW(common.param_groups(student, args.weight_decay))
+    opt = torch.optim.AdamW(utils.param_groups(student, args.weight_decay))
     # a long run (1000 epochs): DINO's own momentum start and first-epoch freeze
     sched = train_dino.schedules(args, total=4000, steps_per_epoch=4, device="cpu")
     t0 = [p.detach().clone() for p in teacher.parameters()]
@@ -487,7 +487,7 @@ def test_fp8_student_keeps_its_parameters_and_the_teacher_stays(tiny_data, tmp_p
     )
     names = [n for n, _ in student.named_parameters()]
     assert names == [n for n, _ in teacher.named_parameters()]
-    opt = torch.optim.AdamW(common.param_groups(student, args.weight_decay))
+    opt = torch.optim.AdamW(utils.param_groups(student, args.weight_decay))
     sched = train_dino.schedules(args, total=4, steps_per_epoch=4, device="cpu")
     t0 = [p.detach().clone() for p in teacher.parameters()]
     g, loc = train_dino.multi_crop(torch.from_numpy(scene_frames(8)), args, torch.Generator())
@@ -506,7 +506,7 @@ def test_freeze_blocks_and_weight_decay_groups(tiny_data, tmp_path):
     assert not any(p.requires_grad for p in V.blocks[0].parameters())
     assert not V.patch_embed.proj.weight.requires_grad and not V.pos_embed.requires_grad
     assert all(p.requires_grad for p in V.blocks[1].parameters())
-    decay, plain = common.param_groups(student, 0.04)
+    decay, plain = utils.param_groups(student, 0.04)
     assert plain["weight_decay"] == 0.0
     assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim == 1 for p in plain["params"])
     assert sum(p.numel() for g in (decay, plain) for p in g["params"]) == sum(
@@ -550,17 +550,17 @@ def test_training_lowers_the_loss(tiny_data, tmp_path, monkeypatch):
 def test_resume_equals_uninterrupted(tiny_data, tmp_path, monkeypatch):
     flags = ["--steps", "6", "--save-every", "3", "--lr", "0.01"]
     whole = train_dino.train_dino(args_for(tiny_data, tmp_path / "a", *flags))
-    real_save = common.save_checkpoint
+    real_save = utils.save_checkpoint
 
     def save_then_die(path, state, args):
         real_save(path, state, args)
         raise KeyboardInterrupt  # the job is killed right after its first checkpoint
 
-    monkeypatch.setattr(common, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(utils, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         train_dino.train_dino(args_for(tiny_data, tmp_path / "b", *flags))
     assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["step"] == 3
-    monkeypatch.setattr(common, "save_checkpoint", real_save)
+    monkeypatch.setattr(utils, "save_checkpoint", real_save)
     resumed = train_dino.train_dino(args_for(tiny_data, tmp_path / "b", *flags))
     assert whole["step"] == resumed["step"] == 6
     for net in ("student", "teacher"):
@@ -569,8 +569,8 @@ def test_resume_equals_uninterrupted(tiny_data, tmp_path, monkeypatch):
     assert torch.equal(whole["center"], resumed["center"])
     oa, ob = whole["optimizer"]["state"], resumed["optimizer"]["state"]
     assert all(torch.equal(oa[i]["exp_avg"], ob[i]["exp_avg"]) for i in oa)
-    ea = common.load_encoder(tmp_path / "a")[0].state_dict()
-    eb = common.load_encoder(tmp_path / "b")[0].state_dict()
+    ea = utils.load_encoder(tmp_path / "a")[0].state_dict()
+    eb = utils.load_encoder(tmp_path / "b")[0].state_dict()
     assert all(torch.equal(ea[k], eb[k]) for k in ea)
     # the checkpoint on disk is the state returned
     disk = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
@@ -641,21 +641,21 @@ def test_bad_data_is_named(tmp_path):
 
 def cls_spread(V, frames: np.ndarray) -> float:
     """Mean distance of each [CLS] from the mean [CLS], relative to the mean's norm."""
-    f = common.encode_frames(V, frames, batch_size=8)
+    f = utils.encode_frames(V, frames, batch_size=8)
     return ((f - f.mean(0)).norm(dim=1).mean() / f.mean(0).norm()).item()
 
 
 def test_default_layerscale_gives_frames_distinct_cls():
     """With timm's LayerScale 1e-5 a random ViT-S/14 gives nearly one [CLS] for all
-    frames; the default start (common.LAYERSCALE_INIT) spreads them."""
+    frames; the default start (utils.LAYERSCALE_INIT) spreads them."""
     frames = scene_frames(8)
     torch.manual_seed(0)
-    V = common.build_vit()
+    V = utils.build_vit()
     gammas = [p for n, p in V.named_parameters() if n.endswith(".gamma")]
-    assert gammas and all(torch.all(g == common.LAYERSCALE_INIT) for g in gammas)
+    assert gammas and all(torch.all(g == utils.LAYERSCALE_INIT) for g in gammas)
     default = cls_spread(V, frames)
     torch.manual_seed(0)
-    timm_start = cls_spread(common.build_vit(layerscale_init=None), frames)
+    timm_start = cls_spread(utils.build_vit(layerscale_init=None), frames)
     assert timm_start < 1e-3 < 1e-2 < default
 
 
@@ -665,17 +665,17 @@ def test_pretrained_goes_through_timm_and_keeps_its_layerscale(tmp_path):
     import timm
 
     small = {"depth": 2, "embed_dim": 64, "num_heads": 1, "img_size": 56}
-    hub = timm.create_model(common.DEFAULT_ARCH, num_classes=0, **small)
+    hub = timm.create_model(utils.DEFAULT_ARCH, num_classes=0, **small)
     with torch.no_grad():
         for p in hub.parameters():
             p.normal_()
     torch.save(hub.state_dict(), tmp_path / "hub.pth")
     overlay = {"file": str(tmp_path / "hub.pth")}
-    V = common.build_vit(pretrained=True, pretrained_cfg_overlay=overlay, **small)
+    V = utils.build_vit(pretrained=True, pretrained_cfg_overlay=overlay, **small)
     got = V.state_dict()
     assert all(torch.equal(got[k], v) for k, v in hub.state_dict().items())
     gammas = [p for n, p in V.named_parameters() if n.endswith(".gamma")]
-    assert gammas and not any(torch.all(g == common.LAYERSCALE_INIT) for g in gammas)
+    assert gammas and not any(torch.all(g == utils.LAYERSCALE_INIT) for g in gammas)
 
 
 def test_pretrained_and_init_exclude_each_other(capsys):
@@ -686,22 +686,22 @@ def test_pretrained_and_init_exclude_each_other(capsys):
 
 def test_export_load_encode_and_init(tiny_data, tmp_path):
     state = train_dino.train_dino(args_for(tiny_data, tmp_path, "--steps", "2"))
-    V, cfg = common.load_encoder(tmp_path, "cpu")
+    V, cfg = utils.load_encoder(tmp_path, "cpu")
     assert not V.training and cfg["embed_dim"] == 64 and cfg["img_size"] == 56
     assert cfg["overrides"] == {"depth": 2, "embed_dim": 64, "num_heads": 1}
     assert cfg["start"] == "random" and cfg["steps"] == 2 and cfg["layerscale_init"] == 0.1
     teacher = {k.removeprefix("backbone."): v for k, v in state["teacher"].items()}
     assert all(torch.equal(teacher[k], v) for k, v in V.state_dict().items())
     frames = np.load(tiny_data / "frames.npy", mmap_mode="r")
-    emb = common.encode_frames(V, frames, batch_size=16)  # 40 frames in 3 batches
+    emb = utils.encode_frames(V, frames, batch_size=16)  # 40 frames in 3 batches
     assert emb.shape == (40, 64) and emb.dtype == torch.float32
     with torch.no_grad():
-        direct = V(common.normalize_frames(torch.from_numpy(np.array(frames[:5]))))
+        direct = V(utils.normalize_frames(torch.from_numpy(np.array(frames[:5]))))
     assert torch.allclose(emb[:5], direct, atol=1e-5)
 
     # --init: the exported file, and a DINO-style checkpoint (teacher/backbone./head. keys)
     def from_file(path, img_size=56):
-        W = common.build_vit(img_size=img_size, layerscale_init=None, **cfg["overrides"])
+        W = utils.build_vit(img_size=img_size, layerscale_init=None, **cfg["overrides"])
         train_dino.load_vit_weights(W, path)
         return W
 
@@ -723,18 +723,18 @@ def test_export_load_encode_and_init(tiny_data, tmp_path):
 
 def test_normalize_frames():
     x = torch.randint(0, 256, (2, 5, 7, 3), dtype=torch.uint8)
-    y = common.normalize_frames(x)
+    y = utils.normalize_frames(x)
     assert y.shape == (2, 3, 5, 7)
-    want = (x[0, 1, 2, 0] / 255 - common.IMAGENET_MEAN[0]) / common.IMAGENET_STD[0]
+    want = (x[0, 1, 2, 0] / 255 - utils.IMAGENET_MEAN[0]) / utils.IMAGENET_STD[0]
     assert y[0, 0, 1, 2].item() == pytest.approx(want.item(), rel=1e-6)
-    assert torch.allclose(common.normalize_frames(x.permute(0, 3, 1, 2).float() / 255), y)
+    assert torch.allclose(utils.normalize_frames(x.permute(0, 3, 1, 2).float() / 255), y)
 
 
 def test_vit_flops_matches_flop_counter():
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    V = common.build_vit(depth=2, embed_dim=64, num_heads=2, img_size=56).eval()
+    V = utils.build_vit(depth=2, embed_dim=64, num_heads=2, img_size=56).eval()
     for h, w in ((56, 56), (28, 42)):
         # the math attention kernel is made of matmuls the counter sees
         with (
@@ -816,7 +816,7 @@ def test_two_process_torchrun_gloo(tiny_data, tmp_path):
 
 def scene_of_frames(data: Path) -> tuple[list[dict], list[dict]]:
     """Manifest rows and, for each, its scene row of scenes.csv (start <= t_sec < end)."""
-    rows = common.read_manifest(data)
+    rows = utils.read_manifest(data)
     with open(data / "scenes.csv", newline="") as f:
         scenes = list(csv.DictReader(f))
     by_clip: dict[str, list[dict]] = {}
@@ -874,10 +874,10 @@ def test_exported_encoder_reads_the_demo_scenes(demo_data, tmp_path):
             [*CPU_DEMO, "--data", str(demo_data), "--out", str(tmp_path), "--steps", "3"]
         )
     )
-    V, _ = common.load_encoder(tmp_path)
+    V, _ = utils.load_encoder(tmp_path)
     rows, scenes = scene_of_frames(demo_data)
-    frames = common.open_frames(demo_data)
-    feats = common.encode_frames(V, frames[[r["frame_idx"] for r in rows]], batch_size=32)
+    frames = utils.open_frames(demo_data)
+    feats = utils.encode_frames(V, frames[[r["frame_idx"] for r in rows]], batch_size=32)
     spread = ((feats - feats.mean(0)).norm(dim=1).mean() / feats.mean(0).norm()).item()
     assert spread > 1e-2  # distinct [CLS] per frame
     scene_id = np.array([f"{s['clip_id']}@{s['start']}" for s in scenes])  # not id(): stable folds

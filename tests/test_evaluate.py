@@ -17,7 +17,9 @@ from scipy.stats import spearmanr
 
 import common
 import evaluate as ev
-from common import BOS, TEXT, TokenizedUtterance, read_utterances
+import utils
+from common import BOS, TEXT, TokenizedUtterance
+from utils import read_utterances
 
 # --------------------------------------------------------------------------------------------
 # Tiny random Gemma 3 (the embedded model's class, a few thousand weights)
@@ -576,7 +578,7 @@ def tiny_lm_dir(data, out):
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    texts = [u["text"] for u in common.read_utterances(data)]
+    texts = [u["text"] for u in utils.read_utterances(data)]
     words = sorted({w for t in texts for w in re.findall(r"\w+|[^\w\s]+", t)})
     vocab = {w: i for i, w in enumerate(["<pad>", "<eos>", "<bos>", "<unk>", *words])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
@@ -605,9 +607,9 @@ def trained(demo_data, tmp_path_factory):
     lm = tiny_lm_dir(demo_data, root / "lm")
     torch.manual_seed(0)
     overrides = {"depth": 1, "embed_dim": 48, "num_heads": 2}
-    V = common.build_vit(img_size=112, layerscale_init=1.0, **overrides)
-    common.export_encoder(
-        V, root / "enc", {"arch": common.DEFAULT_ARCH, "img_size": 112, "overrides": overrides}
+    V = utils.build_vit(img_size=112, layerscale_init=1.0, **overrides)
+    utils.export_encoder(
+        V, root / "enc", {"arch": utils.DEFAULT_ARCH, "img_size": 112, "overrides": overrides}
     )
     args = ["--data", str(demo_data), "--out", str(root / "proj"), "--lm", str(lm)]
     args += ["--encoder", str(root / "enc"), "--steps", "6", "--batch-size", "4"]
@@ -618,7 +620,7 @@ def trained(demo_data, tmp_path_factory):
 def write_rsa_inputs(folder, data):
     """An index of demo clips (transcript), texts alone and texts with a clip; a random human
     matrix; random triplets."""
-    clips = sorted({u["clip_id"] for u in common.read_utterances(data)})
+    clips = sorted({u["clip_id"] for u in utils.read_utterances(data)})
     rows = [(f"clip{k}", c, "") for k, c in enumerate(clips)]
     rows += [("t0", "", "a man waves"), ("t1", "", "the woman laughs at the man")]
     rows += [("x0", clips[0], "the red woman waves at the blue man")]
@@ -726,7 +728,7 @@ def test_one_example_beside_a_jpeg(trained, tmp_path):
 
     data, proj, _ = trained
     jpeg = tmp_path / "frame.jpg"
-    Image.fromarray(np.asarray(common.open_frames(data)[3])).save(jpeg)
+    Image.fromarray(np.asarray(utils.open_frames(data)[3])).save(jpeg)
     text = "The red woman waves at the blue man."
     ev.main(["--projector", str(proj), "--out", str(tmp_path), "--text", text, "--frame", str(jpeg),
              "--device", "cpu"])  # fmt: skip
@@ -773,7 +775,7 @@ def test_rsa_runs_on_text_alone_without_projector(trained, tmp_path):
 
 
 def test_unknown_clip_in_index_and_missing_inputs_are_named(demo_data, tmp_path):
-    clip_index = common.clip_frame_index(common.read_manifest(demo_data))
+    clip_index = utils.clip_frame_index(utils.read_manifest(demo_data))
     index = [{"item_id": "z9", "clip_id": "no_such_clip", "text": "hello"}]
     with pytest.raises(ValueError, match=r"idx.csv: item 'z9': clip 'no_such_clip' has no frames"):
         ev.rsa_items(index, tmp_path / "idx.csv", None, demo_data, clip_index, None, 64)
@@ -819,14 +821,14 @@ def test_L_is_loaded_in_the_dtype_g_was_trained_against(trained, tmp_path, monke
     it, and ppl.json records it; without the field, load_lm's default (float32 on the CPU)."""
     data, proj, _ = trained
     assert json.loads((proj / "projector.json").read_text())["lm_dtype"] == "float32"
-    loaded, load_lm = [], common.load_lm
+    loaded, load_lm = [], utils.load_lm
 
     def spy(*args, **kwargs):
         L, tokenizer = load_lm(*args, **kwargs)
         loaded.append(L)
         return L, tokenizer
 
-    monkeypatch.setattr(common, "load_lm", spy)
+    monkeypatch.setattr(utils, "load_lm", spy)
     args = ["--data", str(data), "--what", "ppl", "--conditions", "none,full", "--device", "cpu"]
     args += ["--bootstrap", "20"]
     for name, fields, flag, dtype in [

@@ -1,5 +1,5 @@
-"""prep.py and common.py section 3: formats, frame times, word times, tagging, splits, bad input,
-resume after a kill, and the demo set."""
+"""prep.py and utils.py's words, word times and tags: formats, frame times, tagging, splits, bad
+input, resume after a kill, and the demo set."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from conftest import DEMO_ARGS, ROOT, frame_level
 import common
 import demo
 import prep
+import utils
 
 VFR_TIMES = [0, 0.1, 0.35, 0.4, 0.9, 1.0, 1.3, 1.55, 2.05, 2.4, 2.5, 3.1, 3.2]  # irregular pts
 CANVAS = ["--height", "56", "--width", "84"]
@@ -48,7 +49,7 @@ def write_json_file(path: Path, obj) -> Path:
 
 
 # -------------------------------------------------------------------------------------------
-# Pure pieces: common.py section 3 (words, times, tags), prep.py's letterbox and sampling
+# Pure pieces: utils.py's words, times, tags and letterbox; prep.py's sampling
 # -------------------------------------------------------------------------------------------
 
 
@@ -69,14 +70,14 @@ def test_clip_frame_index_sorts_by_time():
         {"clip_id": "a", "frame_idx": 1, "t_sec": 1.0},
         {"clip_id": "b", "frame_idx": 4, "t_sec": 0.5},
     ]
-    idx = common.clip_frame_index(rows)
+    idx = utils.clip_frame_index(rows)
     assert idx["b"][0].tolist() == [4, 5] and idx["b"][1].tolist() == [0.5, 2.0]
     assert idx["a"][0].dtype == np.int64 and idx["a"][1].dtype == np.float64
 
 
 def test_split_words_drops_edge_punctuation():
     text = "Look, the man's \"dog\" -- waves... don't!"
-    assert [text[a:b] for a, b in common.split_words(text)] == [
+    assert [text[a:b] for a, b in utils.split_words(text)] == [
         "Look",
         "the",
         "man's",
@@ -88,35 +89,35 @@ def test_split_words_drops_edge_punctuation():
 
 def test_word_time_rules():
     text = "ab cdef g"
-    spans = common.split_words(text)  # centres at chars 1, 5, 8.5 of 9
-    t, rule = common.word_times(spans, len(text), start=10.0, end=19.0)
+    spans = utils.split_words(text)  # centres at chars 1, 5, 8.5 of 9
+    t, rule = utils.word_times(spans, len(text), start=10.0, end=19.0)
     assert rule == "spread" and t == pytest.approx([11.0, 15.0, 18.5])
-    t, rule = common.word_times(spans, len(text), timestamp=7.0)
+    t, rule = utils.word_times(spans, len(text), timestamp=7.0)
     assert rule == "timestamp" and t == [7.0, 7.0, 7.0]
-    t, rule = common.word_times(spans, len(text), given=[1.0, 2.0, 3.0], start=10.0, end=19.0)
+    t, rule = utils.word_times(spans, len(text), given=[1.0, 2.0, 3.0], start=10.0, end=19.0)
     assert rule == "given" and t == [1.0, 2.0, 3.0]
-    t, rule = common.word_times(spans, len(text), given=[1.0, None, 3.0], start=10.0, end=19.0)
+    t, rule = utils.word_times(spans, len(text), given=[1.0, None, 3.0], start=10.0, end=19.0)
     assert rule == "given+spread" and t == pytest.approx([1.0, 15.0, 3.0])
     with pytest.raises(ValueError, match="no word times"):
-        common.word_times(spans, len(text))
+        utils.word_times(spans, len(text))
 
 
 def test_pos_tagging_is_in_context_and_maps_to_words():
-    tagger = common.PosTagger()
+    tagger = utils.PosTagger()
     (a, b, c) = tagger.tag(["They book a room.", "I read the book.", "Look, the man waves."])
     assert [w["text"] for w in c] == ["Look", "the", "man", "waves"]
     assert (c[2]["char_start"], c[2]["char_end"]) == (10, 13)
     assert a[1]["text"] == b[3]["text"] == "book"
     assert a[1]["pos"] == "VERB" and b[3]["pos"] == "NOUN"  # the same word, tagged in context
     assert c[0]["pos"] == "VERB" and c[0]["content"] and not c[1]["content"]
-    nouns = common.PosTagger(content_pos=("NOUN",)).tag(["I read the book."])[0]
+    nouns = utils.PosTagger(content_pos=("NOUN",)).tag(["I read the book."])[0]
     assert [w["content"] for w in nouns] == [False, False, False, True]
 
 
 def test_letterbox_keeps_the_whole_frame():
     img = np.full((100, 300, 3), 255, dtype=np.uint8)
     img[:, :10] = [255, 0, 0]  # a person at the very edge must survive
-    out = common.letterbox(img, 224, 392)
+    out = utils.letterbox(img, 224, 392)
     assert out.shape == (224, 392, 3) and out.dtype == np.uint8
     rows = np.flatnonzero(out[:, 200].sum(-1) > 0)
     assert (rows[0], rows[-1] + 1) == ((224 - 131) // 2, (224 - 131) // 2 + 131)
@@ -188,21 +189,21 @@ def test_transcript_format_on_a_real_video(tmp_path, make_video, fmt, ext):
     # t_sec: the first decoded frame at or after each k / fps, with its own pts
     pts = decoded_times(video)
     want = [next(t for t in pts if t >= k / 2) for k in range(7)]
-    rows = common.read_manifest(out)
+    rows = utils.read_manifest(out)
     assert [r["t_sec"] for r in rows] == want
     assert [r["frame_idx"] for r in rows] == list(range(len(rows)))
-    frames = common.open_frames(out)
+    frames = utils.open_frames(out)
     for r in rows:  # the stored image is that very frame, letterboxed (bars above and below)
         level = frame_level(pts.index(r["t_sec"]))
         assert abs(int(frames[r["frame_idx"], 28, 42, 0]) - level) <= 8
         assert frames[r["frame_idx"], 0, 42].sum() == 0 and frames[r["frame_idx"], 28, 0, 0] > 200
         assert (out / r["frame_path"]).exists()
 
-    utts = common.read_utterances(out)
+    utts = utils.read_utterances(out)
     assert [u["text"] for u in utts] == [t for _, t, _, _ in UTTS]
     assert [u["turn"] for u in utts] == [0, 1]
     for u, (speaker, text, a, b) in zip(utts, UTTS, strict=True):
-        spans = common.split_words(text)
+        spans = utils.split_words(text)
         got = [w["t_sec"] for w in u["words"]]
         if fmt == "conversation-timestamp":
             assert u["time_source"] == "timestamp" and got == [a] * len(spans)
@@ -237,7 +238,7 @@ def test_transcripts_elsewhere_pair_by_stem_or_by_the_id_they_name(tmp_path, mak
     write_transcript(texts, "b", "conversation").rename(texts / "b_notes.json")
     out = tmp_path / "out"
     assert run_prep("--videos", videos, "--transcripts", texts, "--out", out, *CANVAS) == 0
-    assert {u["clip_id"] for u in common.read_utterances(out)} == {"a", "b"}
+    assert {u["clip_id"] for u in utils.read_utterances(out)} == {"a", "b"}
     assert read_report(out)["clips_skipped"] == []
 
 
@@ -259,11 +260,11 @@ def test_extracted_frames_manifest(tmp_path):
     (skip,) = read_report(out)["clips_skipped"]  # reported once, naming the manifest
     assert skip["file"] == str(src / "manifest.csv")
     assert "clip 'mixed' has split(s) ['train', 'val']" in skip["reason"]
-    got = common.read_manifest(out)
+    got = utils.read_manifest(out)
     assert [(r["split"], r["t_sec"]) for r in got] == [("test", float(t)) for t in range(4)]
-    frames = common.open_frames(out)
+    frames = utils.open_frames(out)
     assert abs(int(frames[1, 28, 42, 0]) - frame_level(2)) <= 2
-    assert [u["split"] for u in common.read_utterances(out)] == ["test", "test"]
+    assert [u["split"] for u in utils.read_utterances(out)] == ["test", "test"]
 
 
 # -------------------------------------------------------------------------------------------
@@ -295,16 +296,16 @@ def test_splits_are_by_clip_and_a_split_file_wins(tmp_path, make_video, capsys):
     out = tmp_path / "out"
     assert run_prep("--videos", raw, "--out", out, "--split-file", tmp_path / "splits.csv") == 0
     by_clip = {}
-    for r in common.read_manifest(out):
+    for r in utils.read_manifest(out):
         by_clip.setdefault(r["clip_id"], set()).add(r["split"])
-    for u in common.read_utterances(out):
+    for u in utils.read_utterances(out):
         by_clip[u["clip_id"]].add(u["split"])
     assert by_clip == {"c0": {"test"}, "c1": {"val"}, "c2": {"train"}, "c3": {"train"}}
-    assert [u["clip_id"] for u in common.read_utterances(out, split="val")] == ["c1", "c1"]
+    assert [u["clip_id"] for u in utils.read_utterances(out, split="val")] == ["c1", "c1"]
     # hash splits: each clip in exactly the split its id hashes to
     out2 = tmp_path / "out2"
     assert run_prep("--videos", raw, "--out", out2, "--val-frac", 0.3, "--test-frac", 0.3) == 0
-    got = {(r["clip_id"], r["split"]) for r in common.read_manifest(out2)}
+    got = {(r["clip_id"], r["split"]) for r in utils.read_manifest(out2)}
     assert got == {(f"c{k}", prep.hash_split(f"c{k}", 0.3, 0.3)) for k in range(4)}
     (tmp_path / "bad.csv").write_text("clip_id,split\nc0,test\nc0,train\n")
     assert run_prep("--videos", raw, "--out", out, "--split-file", tmp_path / "bad.csv") == 2
@@ -425,7 +426,7 @@ def test_bad_input_is_reported_and_skipped(tmp_path, make_video, capsys, case):
     raw, bad_file, reason = _good_and_bad(tmp_path, make_video, case)
     out = tmp_path / "out"
     assert run_prep("--videos", raw, "--out", out, *CANVAS) == 0
-    assert {r["clip_id"] for r in common.read_manifest(out)} == {"good"}
+    assert {r["clip_id"] for r in utils.read_manifest(out)} == {"good"}
     report = read_report(out)
     assert report["clips_done"] == ["good"]
     (entry,) = report["clips_skipped"]
@@ -451,7 +452,7 @@ def test_empty_utterance_is_skipped_and_the_clip_kept(tmp_path, make_video, caps
     write_json_file(raw / "talk.json", {"conversation_id": "talk", "turns": turns})
     out = tmp_path / "out"
     assert run_prep("--videos", raw, "--out", out, *CANVAS) == 0
-    assert [(u["text"], u["turn"]) for u in common.read_utterances(out)] == [
+    assert [(u["text"], u["turn"]) for u in utils.read_utterances(out)] == [
         ("The man waves.", 0),
         ("Now he sits.", 1),
     ]
@@ -520,10 +521,10 @@ def test_killed_prep_resumes_to_the_same_outputs(tmp_path, make_video):
 
 def test_demo_outputs_match_the_data_contract(demo_data):
     out = demo_data
-    rows = common.read_manifest(out)
+    rows = utils.read_manifest(out)
     header = (out / "manifest.csv").read_text().splitlines()[0]
     assert header == "split,clip_id,frame_idx,frame_path,t_sec"
-    frames = common.open_frames(out)
+    frames = utils.open_frames(out)
     assert frames.shape == (len(rows), 112, 196, 3) and frames.dtype == np.uint8
     assert [r["frame_idx"] for r in rows] == list(range(len(rows)))
     from PIL import Image
@@ -531,7 +532,7 @@ def test_demo_outputs_match_the_data_contract(demo_data):
     for r in rows[:: max(1, len(rows) // 10)]:  # the JPEG shows the stored frame
         jpg = np.asarray(Image.open(out / r["frame_path"]), dtype=np.int16)
         assert np.abs(jpg - frames[r["frame_idx"]]).mean() < 4
-    index = common.clip_frame_index(rows)
+    index = utils.clip_frame_index(rows)
     for _, t in index.values():  # 8 fps videos sampled at 1 fps: the frames at whole seconds
         assert t.tolist() == list(range(len(t)))
 
@@ -541,7 +542,7 @@ def test_demo_outputs_match_the_data_contract(demo_data):
         scenes = list(csv.DictReader(f))
     assert list(scenes[0]) == ["clip_id", "start", "end", "actor", "action", "target", "people"]
 
-    utts = common.read_utterances(out)
+    utts = utils.read_utterances(out)
     keys = ["clip_id", "split", "speaker", "text", "start", "end", "time_source", "turn", "words"]
     assert all(list(u) == keys for u in utts)
     assert len(utts) == len(scenes)

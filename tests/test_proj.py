@@ -1,4 +1,4 @@
-"""train_proj.py and common.py §5-6: the frozen L, g, the insertion of social tokens, training.
+"""train_proj.py, common.py (the insertion, g, the loss) and utils.py (loading L): training g.
 
 Tiny random Gemma 3 models with the real Gemma tokenizer for all but the end-to-end test, which
 trains g in front of the real embedded Gemma 3 270M for a few steps.
@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 import common
 import train_proj
+import utils
 from common import BOS, PAD, SOC_G, SOC_L, TEXT
 
 # --------------------------------------------------------------------------------------------
@@ -27,7 +28,7 @@ from common import BOS, PAD, SOC_G, SOC_L, TEXT
 
 @pytest.fixture(scope="session")
 def gemma_dir():
-    return common.embedded_lm_path()  # converted from the GGUF once per machine (~1.5 min)
+    return utils.embedded_lm_path()  # converted from the GGUF once per machine (~1.5 min)
 
 
 @pytest.fixture(scope="session")
@@ -61,9 +62,9 @@ def tiny_encoder_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_encoder")
     overrides = {"depth": 1, "embed_dim": 48, "num_heads": 2}
     torch.manual_seed(0)
-    V = common.build_vit(common.DEFAULT_ARCH, img_size=112, **overrides)
-    common.export_encoder(
-        V, path, {"arch": common.DEFAULT_ARCH, "img_size": 112, "overrides": overrides}
+    V = utils.build_vit(utils.DEFAULT_ARCH, img_size=112, **overrides)
+    utils.export_encoder(
+        V, path, {"arch": utils.DEFAULT_ARCH, "img_size": 112, "overrides": overrides}
     )
     return path
 
@@ -79,7 +80,7 @@ def utterance(text: str, content: set[str], clip: str = "c0", turn: int = 0) -> 
             "pos": "NOUN" if text[a:b] in content else "X",
             "content": text[a:b] in content,
         }
-        for k, (a, b) in enumerate(common.split_words(text))
+        for k, (a, b) in enumerate(utils.split_words(text))
     ]
     return {"clip_id": clip, "split": "train", "text": text, "turn": turn, "words": words}
 
@@ -120,15 +121,15 @@ def test_embedded_tokenizer_is_checked_at_conversion_and_load(tokenizer, tmp_pat
     monkeypatch.setenv("SOCIAL_TOKENS_CACHE", str(tmp_path))
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: NoBos())
     with pytest.raises(RuntimeError, match="converted wrongly.*>= 5.23"):
-        common.embedded_lm_path()
+        utils.embedded_lm_path()
     assert list(tmp_path.iterdir()) == []  # no half-made cache left behind
     # a cache an older transformers made is refused when loaded
-    monkeypatch.setattr(common, "embedded_lm_path", lambda: tmp_path)
+    monkeypatch.setattr(utils, "embedded_lm_path", lambda: tmp_path)
     monkeypatch.setattr(
         transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: tiny_gemma()
     )
     with pytest.raises(RuntimeError, match=f"{tmp_path}: a tokenizer converted wrongly"):
-        common.load_lm()
+        utils.load_lm()
 
 
 def test_tokenize_finds_last_subword_token(tokenizer):
@@ -272,7 +273,7 @@ def test_word_frames_take_the_nearest_frame(tokenizer):
     item = common.tokenize_utterance(tokenizer, U_SEVERAL)  # content words at t = 2, 3, 7
     rows = [{"clip_id": "c0", "frame_idx": 10 + k, "t_sec": 2.6 * k} for k in range(4)]
     rows += [{"clip_id": "c1", "frame_idx": 20, "t_sec": 0.0}]
-    index = common.clip_frame_index(rows)
+    index = utils.clip_frame_index(rows)
     assert common.word_frames(item, index).tolist() == [11, 11, 13]  # 2 -> 2.6, 3 -> 2.6, 7 -> 7.8
     assert common.word_frames(item, index, clip_id="c1").tolist() == [20, 20, 20]  # shuffled
 
@@ -327,7 +328,7 @@ def test_frozen_head_nll_in_chunks():
     t = torch.randint(0, 50, (7,))
     w = torch.rand(7, dtype=torch.float64)
     for cap in (None, 2.0):
-        nll = common.FrozenHeadCrossEntropy.apply(h, head.weight, head.bias, t, cap, 3, False)
+        nll = utils.FrozenHeadCrossEntropy.apply(h, head.weight, head.bias, t, cap, 3, False)
         (g,) = torch.autograd.grad((nll * w).sum(), h)
         logits = head(h)
         if cap:
@@ -370,7 +371,7 @@ def test_projector_input_standardisation_keeps_scene_differences():
 def test_gradient_reaches_g_and_V_never_L(tokenizer, tiny_encoder_dir):
     L = tiny_gemma()
     before = {k: v.clone() for k, v in L.state_dict().items()}
-    V, _ = common.load_encoder(tiny_encoder_dir)
+    V, _ = utils.load_encoder(tiny_encoder_dir)
     V.train().requires_grad_(True)
     g = common.Projector(48, 32)
     items = [common.tokenize_utterance(tokenizer, u) for u in (U_SEVERAL, U_NONE)]
@@ -428,7 +429,7 @@ def test_training_lowers_val_loss_and_leaves_L_alone(
     state = L.state_dict()
     assert all(torch.equal(state[k], v) for k, v in saved.items())
     # exports: g with its config, and V (cached features were used: V unchanged)
-    tensors, cfg = common.load_safetensors(out / "projector.safetensors")
+    tensors, cfg = utils.load_safetensors(out / "projector.safetensors")
     assert cfg["in_dim"] == 48 and cfg["out_dim"] == 32 and cfg["inject"] == "full"
     assert cfg["lm_dtype"] == "float32"  # what evaluate.py must load L in
     assert (out / cfg["encoder"]).resolve() == tiny_encoder_dir.resolve()  # relative to out
@@ -463,7 +464,7 @@ def test_resume_equals_uninterrupted(
     class Stop(Exception):
         pass
 
-    real_save = common.save_checkpoint
+    real_save = utils.save_checkpoint
 
     def save_then_die(path, state, args):
         real_save(path, state, args)
@@ -471,14 +472,14 @@ def test_resume_equals_uninterrupted(
             raise Stop
 
     b = proj_args(demo_data, tmp_path / "b", tiny_lm_dir, tiny_encoder_dir, *extra)
-    monkeypatch.setattr(common, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(utils, "save_checkpoint", save_then_die)
     with pytest.raises(Stop):
         train_proj.main(b)
-    monkeypatch.setattr(common, "save_checkpoint", real_save)
+    monkeypatch.setattr(utils, "save_checkpoint", real_save)
     assert not (tmp_path / "b" / "projector.safetensors").exists()
     train_proj.main(b)  # the same command again: resumes at step 4
-    got, _ = common.load_safetensors(tmp_path / "b" / "projector.safetensors")
-    want, _ = common.load_safetensors(tmp_path / "a" / "projector.safetensors")
+    got, _ = utils.load_safetensors(tmp_path / "b" / "projector.safetensors")
+    want, _ = utils.load_safetensors(tmp_path / "a" / "projector.safetensors")
     assert all(torch.equal(got[k], want[k]) for k in want)
     last = [m for m in metrics(tmp_path / "b") if "val_loss" in m][-1]
     assert (
@@ -493,11 +494,11 @@ def test_train_encoder_next_utterance(demo_data, tiny_lm_dir, tiny_encoder_dir, 
     train_proj.main(
         proj_args(demo_data, out, tiny_lm_dir, tiny_encoder_dir, *extra, "--inject", "global")
     )
-    before, _ = common.load_safetensors(tiny_encoder_dir / "encoder.safetensors")
-    after, cfg = common.load_safetensors(out / "encoder.safetensors")
-    assert cfg["arch"] == common.DEFAULT_ARCH
+    before, _ = utils.load_safetensors(tiny_encoder_dir / "encoder.safetensors")
+    after, cfg = utils.load_safetensors(out / "encoder.safetensors")
+    assert cfg["arch"] == utils.DEFAULT_ARCH
     assert not torch.equal(before["cls_token"], after["cls_token"])
-    _, pcfg = common.load_safetensors(out / "projector.safetensors")
+    _, pcfg = utils.load_safetensors(out / "projector.safetensors")
     assert pcfg["encoder"] == "." and pcfg["encoder_trained"]
     assert pcfg["task"] == "next-utterance" and pcfg["inject"] == "global"
 
@@ -506,7 +507,7 @@ def test_end_to_end_with_the_embedded_gemma(demo_data, gemma_dir, tiny_encoder_d
     out = tmp_path / "proj"
     args = proj_args(demo_data, out, "gemma3-270m", tiny_encoder_dir, "--steps", "2")
     train_proj.main(args + ["--batch-size", "2", "--max-len", "48"])
-    _, cfg = common.load_safetensors(out / "projector.safetensors")
+    _, cfg = utils.load_safetensors(out / "projector.safetensors")
     assert cfg["out_dim"] == 640 and cfg["lm"] == "gemma3-270m"
     vals = [m for m in metrics(out) if "val_loss" in m]
     assert len(vals) >= 2 and all(math.isfinite(m["val_loss"]) for m in vals)
@@ -525,7 +526,7 @@ def test_tokenize_split_reports_what_it_skips(tokenizer):
         utterance("He waves.", {"waves"}, clip="nowhere", turn=0),
         utterance("Hello there", set(), clip="nowhere", turn=1),
     ]
-    index = common.clip_frame_index([{"clip_id": "c0", "frame_idx": 0, "t_sec": 0.0}])
+    index = utils.clip_frame_index([{"clip_id": "c0", "frame_idx": 0, "t_sec": 0.0}])
     items, skipped = common.tokenize_split(utts, tokenizer, index, "next-utterance", 1)
     reasons = {(s["clip_id"], s["turn"]): s["reason"] for s in skipped}
     assert set(reasons) == {("c0", 2), ("c0", 4), ("nowhere", 0), ("nowhere", 1)}

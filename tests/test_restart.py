@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import common
+import utils
 
 REPO = Path(__file__).resolve().parents[1]
 DEVICE = os.environ.get("SOCIAL_TOKENS_TEST_DEVICE", "cpu")
@@ -37,7 +37,7 @@ def data(tmp_path_factory) -> Path:
     np.save(path / "frames.npy", np.random.default_rng(0).integers(0, 256, (32, 56, 98, 3), "u1"))
     (path / "frames.json").write_text(json.dumps({"height": 56, "width": 98, "count": 32}))
     rows = [f"train,c{i // 4},{i},f{i}.jpg,{i % 4}" for i in range(32)]
-    (path / "manifest.csv").write_text("\n".join([",".join(common.MANIFEST_COLUMNS), *rows]))
+    (path / "manifest.csv").write_text("\n".join([",".join(utils.MANIFEST_COLUMNS), *rows]))
     return path
 
 
@@ -48,9 +48,9 @@ def torchrun(data: Path, out: Path, fail_at: str | None = None) -> subprocess.Po
         "--max-restarts=1", "--monitor-interval=0.1", str(REPO / "train_dino.py"), *TINY,
         "--data", str(data), "--out", str(out),
     ]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if k != common.FAIL_AT} | {"OMP_NUM_THREADS": "1"}
+    env = {k: v for k, v in os.environ.items() if k != utils.FAIL_AT} | {"OMP_NUM_THREADS": "1"}
     if fail_at:
-        env[common.FAIL_AT] = fail_at
+        env[utils.FAIL_AT] = fail_at
     pipe = subprocess.PIPE
     kw = dict(env=env, text=True, stdout=pipe, stderr=subprocess.STDOUT, start_new_session=True)
     return subprocess.Popen(cmd, **kw)
@@ -72,7 +72,7 @@ def test_killed_rank_restarts_and_ends_with_the_uninterrupted_weights(data, tmp_
     broken = torchrun(data, tmp_path / "broken", fail_at="1:3")  # side by side: half the time
     finish(whole)
     log = finish(broken)
-    assert f"{common.FAIL_AT}=1:3: rank 1 dies at step 3" in log  # rank 1 died before step 3
+    assert f"{utils.FAIL_AT}=1:3: rank 1 dies at step 3" in log  # rank 1 died before step 3
     assert "steps 0->6" in log and "steps 2->6" in log  # restarted from the step-2 checkpoint
     want = load_file(tmp_path / "whole" / "encoder.safetensors")
     got = load_file(tmp_path / "broken" / "encoder.safetensors")

@@ -353,7 +353,7 @@ def train_proj(args: argparse.Namespace):
     return g, L
 
 
-# ============ engineering: length-bucketed batches, compiled L ============
+# ============ engineering: length-bucketed batches ============
 
 
 def bucket_batches(lengths, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:

@@ -1,6 +1,7 @@
-"""The paper's pieces that two or more stages share, in the paper's order: the insertion of
-social tokens (tokenization, t_p, nearest frame, insert_social_tokens), g, L's loss and decoding
-with L. How L and V are loaded and run, readers and plumbing: utils.py.
+"""The paper's pieces, in the paper's order: the insertion of social tokens (tokenization, t_p,
+nearest frame, insert_social_tokens) and g, which train_proj and evaluate share; L's loss; decoding
+with L (evaluate's, and a user's from Python). How L and V are loaded and run, readers and
+plumbing: utils.py.
 """
 
 from __future__ import annotations
@@ -271,7 +272,7 @@ class Projector(torch.nn.Module):
         return self.net((v - self.v_mean) / self.v_std)
 
 
-# ============ L: the frozen LLM and its loss ============
+# ============ L's loss (L is frozen; utils.load_lm loads it) ============
 
 
 def lm_forward(L, batch: SocialBatch, **flags):
@@ -304,7 +305,7 @@ def span_frames(t_sec: np.ndarray, start: float, end: float) -> np.ndarray:
 
 
 def word_time(span: tuple[int, int], n_chars: int, utt: dict) -> float:
-    """t_sec of the word at char `span`: word_times' "spread" of [start, end] over `n_chars`
+    """t_sec of the word at char `span`: utils.word_times' "spread" of [start, end] over `n_chars`
     characters (while decoding, an estimate of the utterance's length), clamped to `end`."""
     t = utils.word_times([span], max(n_chars, 1), start=utt["start"], end=utt["end"])[0][0]
     return min(t, utt["end"])
@@ -312,7 +313,7 @@ def word_time(span: tuple[int, int], n_chars: int, utt: dict) -> float:
 
 def social_items(tokenizer, utts, words, social, n_chars):
     """(items, soc_l [sum w, D] | None, frames [B][w]): utterances as training reads them, their
-    nouns and verbs (`words`, PosTagger.tag's; none where social[b] is None) at `word_time` with
+    nouns and verbs (`words`, utils.PosTagger.tag's; none where social[b] is None) at `word_time` with
     g(v_j) of the nearest frame; earlier turns (u["context"], prep's words) first."""
     items, soc_l, frames = [], [], []
     for b, (u, w, s) in enumerate(zip(utts, words, social, strict=True)):
@@ -343,10 +344,10 @@ def decode_social(L, tokenizer, prompts, social=None, tagger=None, max_new_token
     through L's KV cache: the prefix is read once, then each step feeds each row one embedding.
 
     prompts[b]: {"clip_id", "text", "start", "end"} (the utterance's time span; "context": earlier
-    turns, read first with their social tokens). social[b]: clip_social's (g(v_j), t_sec) of its
+    turns, read first with their social tokens). social[b]: evaluate.clip_social's (g(v_j), t_sec) of its
     clip (a donor's: `shuffled`); None: no social token (`none`). `inject`: g's trained layout.
     [SOC-G] (in training the mean of the utterance's [SOC-L], unknown before decoding): soc_g[b]
-    (two-pass: training_soc_g), else the mean g(v_j) over span_frames from the first turn read.
+    (two-pass: evaluate.training_soc_g), else the mean g(v_j) over span_frames from the first turn read.
     [SOC-L]: the prompt's nouns and verbs as in training; then, when the next token starts a new
     word (space, punctuation, EOS), the text so far is tagged in context (`lookahead`: with that
     token; spaCy makes a text's last word a noun: "the green") and a noun or verb gets g(v_j) of

@@ -210,6 +210,22 @@ def normalize_frames(frames: torch.Tensor) -> torch.Tensor:
     return (x - mean) / std
 
 
+def letterbox(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Fit the whole frame (uint8 [h, w, 3]) into a black `height` x `width` canvas, keeping its
+    aspect ratio: no crop can cut a person out of a multi-person scene."""
+    import PIL.Image
+
+    h, w = image.shape[:2]
+    scale = min(height / h, width / w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    img = PIL.Image.fromarray(np.ascontiguousarray(image[..., :3]))
+    img = img.resize((nw, nh), PIL.Image.BILINEAR)
+    canvas = np.zeros((height, width, 3), dtype=np.uint8)
+    top, left = (height - nh) // 2, (width - nw) // 2
+    canvas[top : top + nh, left : left + nw] = np.asarray(img)
+    return canvas
+
+
 def export_encoder(V: torch.nn.Module, out_dir, config: dict, name: str = "encoder") -> Path:
     """V as out_dir/{name}.safetensors + {name}.json (config plus embed_dim, patch_size)."""
     cfg = {**config, "embed_dim": V.embed_dim, "patch_size": list(V.patch_embed.patch_size)}
@@ -399,22 +415,6 @@ def clip_frame_index(rows: list[dict]) -> dict[str, tuple[np.ndarray, np.ndarray
         by_clip.setdefault(r["clip_id"], []).append((r["t_sec"], r["frame_idx"]))
     pairs = {c: np.array(sorted(p)) for c, p in by_clip.items()}
     return {c: (p[:, 1].astype(np.int64), p[:, 0].astype(np.float64)) for c, p in pairs.items()}
-
-
-def letterbox(image: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Fit the whole frame (uint8 [h, w, 3]) into a black `height` x `width` canvas, keeping its
-    aspect ratio: no crop can cut a person out of a multi-person scene."""
-    import PIL.Image
-
-    h, w = image.shape[:2]
-    scale = min(height / h, width / w)
-    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-    img = PIL.Image.fromarray(np.ascontiguousarray(image[..., :3]))
-    img = img.resize((nw, nh), PIL.Image.BILINEAR)
-    canvas = np.zeros((height, width, 3), dtype=np.uint8)
-    top, left = (height - nh) // 2, (width - nw) // 2
-    canvas[top : top + nh, left : left + nw] = np.asarray(img)
-    return canvas
 
 
 # ============ plumbing: files, checkpoints, devices, distributed, schedules, metrics ============

@@ -14,9 +14,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
-    sys.path.insert(
-        0, str(ROOT)
-    )  # the stage files and common.py and utils.py live at the top level
+    sys.path.insert(0, str(ROOT))  # the stage files, common.py and utils.py live at the top
 
 DEMO_ARGS = ["--demo", "8", "--height", "112", "--width", "196", "--seed", "0"]
 GEMMA_VOCAB = 262144  # the real tokenizer's vocabulary

@@ -313,8 +313,8 @@ def word_time(span: tuple[int, int], n_chars: int, utt: dict) -> float:
 
 def social_items(tokenizer, utts, words, social, n_chars):
     """(items, soc_l [sum w, D] | None, frames [B][w]): utterances as training reads them, their
-    nouns and verbs (`words`, utils.PosTagger.tag's; none where social[b] is None) at `word_time` with
-    g(v_j) of the nearest frame; earlier turns (u["context"], prep's words) first."""
+    nouns and verbs (`words`, utils.PosTagger.tag's; none where social[b] is None) at `word_time`
+    with g(v_j) of the nearest frame; earlier turns (u["context"], prep's words) first."""
     items, soc_l, frames = [], [], []
     for b, (u, w, s) in enumerate(zip(utts, words, social, strict=True)):
         w = [x | {"t_sec": word_time((x["char_start"], x["char_end"]), n_chars[b], u)} for x in w]
@@ -344,10 +344,11 @@ def decode_social(L, tokenizer, prompts, social=None, tagger=None, max_new_token
     through L's KV cache: the prefix is read once, then each step feeds each row one embedding.
 
     prompts[b]: {"clip_id", "text", "start", "end"} (the utterance's time span; "context": earlier
-    turns, read first with their social tokens). social[b]: evaluate.clip_social's (g(v_j), t_sec) of its
-    clip (a donor's: `shuffled`); None: no social token (`none`). `inject`: g's trained layout.
-    [SOC-G] (in training the mean of the utterance's [SOC-L], unknown before decoding): soc_g[b]
-    (two-pass: evaluate.training_soc_g), else the mean g(v_j) over span_frames from the first turn read.
+    turns, read first with their social tokens). social[b]: evaluate.clip_social's (g(v_j),
+    t_sec) of its clip (a donor's: `shuffled`); None: no social token (`none`). `inject`: g's
+    trained layout. [SOC-G] (in training the mean of the utterance's [SOC-L], unknown before
+    decoding): soc_g[b] (two-pass: evaluate.training_soc_g), else the mean g(v_j) over span_frames
+    from the first turn read.
     [SOC-L]: the prompt's nouns and verbs as in training; then, when the next token starts a new
     word (space, punctuation, EOS), the text so far is tagged in context (`lookahead`: with that
     token; spaCy makes a text's last word a noun: "the green") and a noun or verb gets g(v_j) of

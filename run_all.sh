@@ -39,20 +39,25 @@ else
   # 2-core CPU: smaller canvas and crops, few local crops, short runs.
   LAUNCH=("$PYTHON")
   DINO_STEPS=${DINO_STEPS:-25}
-  PROJ_STEPS=${PROJ_STEPS:-200}
+  PROJ_STEPS=${PROJ_STEPS:-150}
   PREP_SIZE=(--height 112 --width 196)
   # DINO's own recipe: from random weights it stays at its uniform fixed point and the encoder
   # probe does not move. The recipe that learns here (--bn-head, no colour operations) halved the
   # pipeline's visual gain (bench/RESULTS_dino.md), so it is not the default.
-  DINO_ARGS=(--batch-size 16 --global-size 112 --local-size 56 --local-crops 2 --out-dim 4096)
-  # L in float32: bf16 matmuls are ~8x slower on CPUs without AVX512-BF16. LR 1e-2, not 3e-3:
-  # in these 200 steps g's val perplexity 2.35 against 4.06 (at ac95764), and decoding names the
-  # action 2x more. Batches of 16, not 8: one run each gave a visual gain of 5.2 [4.0, 6.6]
-  # against 3.1 [2.4, 3.9] with 8, in 36% more stage time (bench/RESULTS_dino.md).
-  PROJ_ARGS=(--batch-size 16 --lr 1e-2)
-  # two-pass decoding and the attention bias (seed 002) are left to GPUs: on 2 cores each takes
-  # about as long as the rest of evaluate
-  EVAL_ARGS=() PARTS=ppl,attention,logit_lens,generate
+  # V: ViT-S/14 with 6 of its 12 blocks: half the time wherever V runs, and from random weights
+  # its [CLS] tells the scene as well (encoder probe; bench/RESULTS_dino.md, "A smaller V").
+  DINO_ARGS=(--batch-size 16 --global-size 112 --local-size 56 --local-crops 2 --out-dim 4096
+    --depth 6)
+  # L in float32: bf16 matmuls are ~8x slower on CPUs without AVX512-BF16. 150 steps of 16
+  # utterances at LR 1.5e-2: on this V, g's val perplexity 2.35 and decoding names the actor
+  # and the action as often as after 200 steps at 1e-2 (2.51), in 3/4 of the time; 150 at 1e-2
+  # gave 2.48 and lost action. Batches of 16, not 8: a visual gain of 5.2 [4.0, 6.6] against 3.1
+  # [2.4, 3.9] (bench/RESULTS_proj.md, "CPU").
+  PROJ_ARGS=(--batch-size 16 --lr 1.5e-2)
+  # evaluate in batches of 48: decoding gives 1.5x the tokens/s of 16 (bench_decode). Two-pass
+  # decoding and the attention bias (seed 002) are left to GPUs: on 2 cores each takes about as
+  # long as the rest of evaluate.
+  EVAL_ARGS=(--batch-size 48) PARTS=ppl,attention,logit_lens,generate
 fi
 
 if [ "${PRETRAINED:-0}" = 1 ]; then DINO_ARGS+=(--pretrained); fi

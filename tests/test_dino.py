@@ -29,11 +29,11 @@ TINY = [
 ]  # fmt: skip
 
 
-# The recommended CPU settings (README / run_all.sh): ViT-S/14, 112/56-pixel crops on the
-# 112x196 demo canvas; the test runs a few steps of them, the demo runs ~30.
+# The recommended CPU settings (README / run_all.sh): ViT-S/14 with 6 blocks, 112/56-pixel
+# crops on the 112x196 demo canvas; the test runs a few steps of them, the demo runs 25.
 CPU_DEMO = [
     "--device", "cpu", "--batch-size", "16", "--global-size", "112", "--local-size", "56",
-    "--local-crops", "2", "--out-dim", "4096",
+    "--local-crops", "2", "--out-dim", "4096", "--depth", "6",
 ]  # fmt: skip
 
 

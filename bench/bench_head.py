@@ -1,0 +1,75 @@
+"""Speed on a CPU of the NLL through L's frozen head (utils.FrozenHeadCrossEntropy, forward and
+the gradient w.r.t. h) in its two ways, on L's head shape with random weights:
+
+  attention  utils.vocab_attention: softmax(h Wᵀ) W and logsumexp in one fused kernel (the way on
+             a CPU when the head has no soft-capping: the embedded Gemma 3)
+  chunked    logits for chunks of 1024 rows, softmax, two matmuls per chunk (GPUs, Gemma 2),
+             reached here with a soft cap of 1e9 (the identity to float32 rounding)
+
+Both are checked against a float64 cross-entropy.
+
+  python bench/bench_head.py            # float32, Gemma 3 270M's head, 64, 230, 1024 rows
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import utils  # noqa: E402
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("bench_head.py", description=__doc__)
+    p.add_argument("--vocab", type=int, default=262144, help="rows of the head (Gemma 3: 262144)")
+    p.add_argument("--width", type=int, default=640, help="L's hidden size (Gemma 3 270M: 640)")
+    p.add_argument("--rows", default="64,230,1024", help="scored positions per call")
+    p.add_argument("--dtype", default="float32", help="of h and the head")
+    p.add_argument("--repeats", type=int, default=3, help="timed calls (mean reported)")
+    return p
+
+
+def nll_and_grad(h, W, y, softcap):
+    """The NLL of each row and its gradient w.r.t. h (softcap 1e9: the chunked way)."""
+    nll = utils.FrozenHeadCrossEntropy.apply(h, W, None, y, softcap, 1024, False)
+    return nll, torch.autograd.grad(nll.sum(), h)[0]
+
+
+def timed(repeats: int, *args) -> float:
+    """Mean seconds of nll_and_grad(*args) over `repeats` calls, after one untimed."""
+    nll_and_grad(*args)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        nll_and_grad(*args)
+    return (time.perf_counter() - t0) / repeats
+
+
+def main() -> None:
+    args = get_args_parser().parse_args()
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    W = (torch.randn(args.vocab, args.width) * 0.03).to(dtype)
+    print(f"{torch.__version__}, {torch.get_num_threads()} CPU threads, {args.dtype}, "
+          f"head {args.vocab} x {args.width}\n")  # fmt: skip
+    print(
+        "| rows | attention s | chunked s | attention / chunked | NLL error (attention, chunked) |"
+    )
+    print("|---:|---:|---:|---:|---|")
+    for n in map(int, args.rows.split(",")):
+        h = torch.randn(n, args.width).to(dtype).requires_grad_(True)
+        y = torch.randint(0, args.vocab, (n,))
+        ref = torch.nn.functional.cross_entropy(h.double() @ W.double().T, y, reduction="none")
+        caps = (None, 1e9)  # attention, chunked
+        err = [(nll_and_grad(h, W, y, c)[0].double() - ref).abs().max().item() for c in caps]
+        t_a, t_c = (timed(args.repeats, h, W, y, c) for c in caps)
+        print(f"| {n} | {t_a:.3f} | {t_c:.3f} | {t_a / t_c:.2f} | {err[0]:.1e}, {err[1]:.1e} |")
+
+
+if __name__ == "__main__":
+    main()

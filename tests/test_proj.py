@@ -320,7 +320,8 @@ def test_token_nll_matches_full_logit_loss(tokenizer):
     torch.testing.assert_close(g_mine, g_ref, rtol=1e-4, atol=1e-7)
 
 
-def test_frozen_head_nll_in_chunks():
+def test_frozen_head_nll_attention_and_chunks():
+    """No soft cap: one attention over the vocabulary (CPU); a soft cap: chunks of 3 rows."""
     torch.manual_seed(0)
     head = torch.nn.Linear(16, 50, bias=True)
     h = torch.randn(7, 16, dtype=torch.float64, requires_grad=True)

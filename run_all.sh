@@ -50,13 +50,13 @@ else
     --depth 6)
   # L in float32: bf16 matmuls are ~8x slower on CPUs without AVX512-BF16. 150 steps of 16
   # utterances at LR 1.5e-2: on this V, g's val perplexity 2.35 and decoding names the actor
-  # and the action as often as after 200 steps at 1e-2 (2.51), in 3/4 of the time; 150 at 1e-2
-  # gave 2.48 and lost action. Batches of 16, not 8: a visual gain of 5.2 [4.0, 6.6] against 3.1
-  # [2.4, 3.9] (bench/RESULTS_proj.md, "CPU").
+  # and the action as often as after 200 steps at 1e-2 (2.51), in 3/4 of the steps; 150 at 1e-2
+  # gave 2.48 and lost action. Batches of 16, not 8 (V of 12 blocks, 200 steps at 1e-2): a
+  # visual gain of 5.2 [4.0, 6.6] against 3.1 [2.4, 3.9] (bench/RESULTS_proj.md, "CPU").
   PROJ_ARGS=(--batch-size 16 --lr 1.5e-2)
-  # evaluate in batches of 48: decoding gives 1.5x the tokens/s of 16 (bench_decode). Two-pass
-  # decoding and the attention bias (seed 002) are left to GPUs: on 2 cores each takes about as
-  # long as the rest of evaluate.
+  # evaluate in batches of 48: decoding gives 1.5x the tokens/s of 16 (bench_decode, 48
+  # prompts; README). Two-pass decoding and the attention bias (seed 002) are left to GPUs: on 2
+  # cores each takes about as long as the rest of evaluate.
   EVAL_ARGS=(--batch-size 48) PARTS=ppl,attention,logit_lens,generate
 fi
 

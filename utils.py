@@ -132,7 +132,8 @@ def _compiled_xent():
 def vocab_attention(h, weight, bias):
     """(softmax(z) W, logsumexp(z)) for z = h Wᵀ + b: attention of each row of h over L's
     vocabulary (keys = values = W) in torch's fused CPU flash kernel: the [rows, vocabulary]
-    logits never exist, and a 2-core CPU takes 0.35–0.8 of the chunked way's time (bench_head)."""
+    logits never exist; with the gradient a 2-core CPU takes 0.35–0.8 of the chunked way's time
+    (bench/bench_head.py)."""
     mask = None if bias is None else bias.to(h.dtype).expand(1, 1, h.shape[0], -1)
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         h[None, None], weight[None, None], weight[None, None], attn_mask=mask, scale=1.0
@@ -142,21 +143,21 @@ def vocab_attention(h, weight, bias):
 
 class FrozenHeadCrossEntropy(torch.autograd.Function):
     """NLL through L's frozen head; the head is frozen, so the gradient w.r.t. h is all the
-    backward needs. On a CPU without soft-capping NLL = logsumexp(z) − z_target and d NLL / dh =
-    softmax(z) W − W_target: one `vocab_attention`. Else (GPUs, whose attention kernels are slow
-    at L's width, and Gemma 2's soft-capping) chunks of rows: two matmuls per chunk while its
-    logits exist, and only [N, D] is kept."""
+    backward needs. Training on a CPU without soft-capping: NLL = logsumexp(z) − z_target and
+    d NLL / dh = softmax(z) W − W_target, one `vocab_attention`. Else (no gradient: one matmul
+    suffices; GPUs, whose attention kernels are slow at L's width; Gemma 2's soft-capping) chunks
+    of rows: the logits, and the gradient's matmul while they exist; only [N, D] is kept."""
 
     @staticmethod
     def forward(ctx, h, weight, bias, targets, softcap, chunk, compiled):
         dtype, need_grad = h.dtype, ctx.needs_input_grad[0]
         h = h.to(weight.dtype)
-        if not softcap and not h.is_cuda:
+        if need_grad and not softcap and h.device.type == "cpu" and len(h):
             out, lse = vocab_attention(h, weight, bias)
             w_t = weight[targets]
-            z_t = (h * w_t).sum(-1, dtype=torch.float32)
+            z_t = (h.float() * w_t.float()).sum(-1)
             nll = lse - (z_t if bias is None else z_t + bias[targets].float())
-            ctx.save_for_backward((out - w_t).to(dtype) if need_grad else None)
+            ctx.save_for_backward((out - w_t).to(dtype))
             return nll
         xent = _compiled_xent() if compiled else _softmax_xent
         nll = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)

@@ -1,12 +1,12 @@
 """Speed on a CPU of the NLL through L's frozen head (utils.FrozenHeadCrossEntropy, forward and
 the gradient w.r.t. h) in its two ways, on L's head shape with random weights:
 
-  attention  utils.vocab_attention: softmax(h Wᵀ) W and logsumexp in one fused kernel (the way on
-             a CPU when the head has no soft-capping: the embedded Gemma 3)
-  chunked    logits for chunks of 1024 rows, softmax, two matmuls per chunk: the way GPUs and
-             Gemma 2's soft-capped head take (FrozenHeadCrossEntropy's loop, without a cap)
+  attention  utils.vocab_attention: softmax(h Wᵀ) W and logsumexp in one fused kernel (the way
+             training takes on a CPU when the head has no soft-capping: the embedded Gemma 3)
+  chunked    logits for chunks of rows, softmax, two matmuls per chunk: the way GPUs, Gemma 2's
+             soft-capped head and the NLL without a gradient take (FrozenHeadCrossEntropy's loop)
 
-Both are checked against a float64 cross-entropy.
+The NLL of each way is compared with a float64 cross-entropy (largest absolute error).
 
   python bench/bench_head.py            # float32, Gemma 3 270M's head, 64, 230, 1024 rows
 """
@@ -36,15 +36,17 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def nll_and_grad(h, W, y, way):
-    """The NLL of each row and its gradient w.r.t. h, the `way` named."""
+    """The NLL of each row and its gradient w.r.t. h, the `way` named; chunks of rows as
+    common.token_nll sizes them (at most 2^28 logits)."""
+    chunk = max(1, 2**28 // W.shape[0])
     if way == "attention":  # what FrozenHeadCrossEntropy does on a CPU without a soft cap
-        nll = utils.FrozenHeadCrossEntropy.apply(h, W, None, y, None, 1024, False)
+        nll = utils.FrozenHeadCrossEntropy.apply(h, W, None, y, None, chunk, False)
         return nll, torch.autograd.grad(nll.sum(), h)[0]
     nll, grad = torch.empty(len(h)), torch.empty_like(h)
-    for s in range(0, len(h), 1024):
-        logits = torch.nn.functional.linear(h[s : s + 1024].detach(), W)
-        nll[s : s + 1024], dlogits = utils._softmax_xent(logits, y[s : s + 1024], None, True)
-        grad[s : s + 1024] = dlogits @ W
+    for s in range(0, len(h), chunk):
+        logits = torch.nn.functional.linear(h[s : s + chunk].detach(), W)
+        nll[s : s + chunk], dlogits = utils._softmax_xent(logits, y[s : s + chunk], None, True)
+        grad[s : s + chunk] = dlogits @ W
     return nll, grad
 
 

@@ -300,9 +300,11 @@ def test_inject_none_gives_the_plain_models_logits(tokenizer):
                 torch.testing.assert_close(got, plain, rtol=1e-5, atol=1e-5)
 
 
-def test_token_nll_matches_full_logit_loss(tokenizer):
-    """token_nll (scored positions only, chunked head) = Hugging Face's loss with all logits."""
-    L = tiny_gemma(final_logit_softcapping=3.0)  # a small cap so that it matters
+# a small soft cap, so that it matters: the chunks; none (Gemma 3): the attention on a CPU
+@pytest.mark.parametrize("softcap", [3.0, None])
+def test_token_nll_matches_full_logit_loss(tokenizer, softcap):
+    """token_nll (scored positions only) = Hugging Face's loss with all logits, and its gradient."""
+    L = tiny_gemma(final_logit_softcapping=softcap)
     items = [common.tokenize_utterance(tokenizer, u) for u in (U_SEVERAL, U_SUBWORD_END, U_NONE)]
     soc_l = torch.randn(5, 32, requires_grad=True)
     batch = common.insert_social_tokens(items, soc_l, L.get_input_embeddings(), "full")
@@ -338,6 +340,13 @@ def test_frozen_head_nll_attention_and_chunks():
         (g_ref,) = torch.autograd.grad((ref * w).sum(), h)
         torch.testing.assert_close(nll.double(), ref, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(g, g_ref)
+        with torch.no_grad():  # without a gradient: the chunks, the same NLL
+            nll_ng = utils.FrozenHeadCrossEntropy.apply(h, head.weight, head.bias, t, cap, 3, False)
+        torch.testing.assert_close(nll_ng, nll)
+        empty = utils.FrozenHeadCrossEntropy.apply(
+            h[:0], head.weight, head.bias, t[:0], cap, 3, False
+        )
+        assert empty.shape == (0,)  # no scored position: an empty result, not a crash
 
 
 # --------------------------------------------------------------------------------------------

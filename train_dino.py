@@ -127,7 +127,7 @@ class MultiCropNet(nn.Module):
         self.backbone, self.head = backbone, head
 
     def forward(self, *crops: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.cat([self.backbone(x) for x in crops]))
+        return self.head(torch.cat([utils.run_vit(self.backbone, x) for x in crops]))
 
 
 def dino_loss(student_out, teacher_out, center, teacher_temp, student_temp=0.1):

@@ -225,13 +225,15 @@ class PatchMatmul(torch.nn.Module):
 
 
 def run_vit(V: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """V(x); on a GPU, images of under 128 tokens (DINO's 98-px local crops: 50) attend through
+    """V(x); on a GPU, images of under 128 patches (DINO's 98-px local crops: 49) attend through
     SDPA's memory-efficient kernel first: a ViT-B/14 DINO step is 1.35% faster than with the
-    default cuDNN kernel, which stays the faster at 257 tokens (bench/RESULTS_dino.md)."""
+    default cuDNN kernel, which stays the faster at 256 patches (bench/RESULTS_dino.md)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    if not x.is_cuda:
+        return V(x)
     (p, q), (h, w) = V.patch_embed.patch_size, x.shape[-2:]
-    if not x.is_cuda or (h // p) * (w // q) >= 128:
+    if (h // p) * (w // q) >= 128:
         return V(x)
     k = SDPBackend  # the others, in case it cannot run (a head width it lacks, say)
     order = [k.EFFICIENT_ATTENTION, k.CUDNN_ATTENTION, k.FLASH_ATTENTION, k.MATH]

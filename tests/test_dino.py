@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -9,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -196,6 +198,39 @@ def test_patch_matmul_is_the_patch_convolution():
         torch.testing.assert_close(a.grad, b.grad, atol=1e-4, rtol=1e-4, msg=name)
     proj, x = V.patch_embed.proj, torch.randn(1, 3, 60, 45)  # not whole patches
     torch.testing.assert_close(proj(x), F.conv2d(x, proj.weight, proj.bias, stride=14))
+
+
+def test_run_vit_sends_short_gpu_images_to_the_memory_efficient_kernel(monkeypatch):
+    """run_vit is V(x) on the CPU; on a GPU, images of under 128 patches run inside sdpa_kernel
+    with the memory-efficient kernel first (SDPA's others after it), longer ones as they are."""
+    import torch.nn.attention as attention
+
+    V, x = utils.build_vit(depth=1, img_size=56), torch.randn(2, 3, 56, 98)
+    assert torch.equal(utils.run_vit(V, x), V(x))
+    seen = []
+
+    @contextlib.contextmanager
+    def record(backends, set_priority=False):
+        seen.append((backends, set_priority))
+        yield
+
+    class Stub:  # V's patch size; reads an image and returns it
+        patch_embed = types.SimpleNamespace(patch_size=(14, 14))
+
+        def __call__(self, image):
+            return image
+
+    monkeypatch.setattr(attention, "sdpa_kernel", record)
+    for side, short in ((98, True), (154, True), (168, False), (224, False)):  # 49 ... 256 patches
+        seen.clear()
+        image = types.SimpleNamespace(is_cuda=True, shape=(2, 3, side, side))
+        assert utils.run_vit(Stub(), image) is image
+        if short:
+            ((backends, priority),) = seen
+            assert backends[0] == attention.SDPBackend.EFFICIENT_ATTENTION and priority
+            assert attention.SDPBackend.MATH in backends  # a fallback where it cannot run
+        else:
+            assert seen == []
 
 
 def test_multi_crop_shapes_ranges_determinism():

@@ -1,13 +1,15 @@
 """The paper's pieces, in the paper's order: the insertion of social tokens (tokenization, t_p,
-nearest frame, insert_social_tokens) and g, which train_proj and evaluate share; L's loss; decoding
-with L (evaluate's, and a user's from Python). How L and V are loaded and run, readers and
-plumbing: utils.py.
+nearest frame, insert_social_tokens); g, its file and its vectors under each condition; L's loss
+and forward passes; decoding with L (evaluate's, and a user's from Python). train_proj, evaluate
+and analyze share them. How L and V are loaded and run, readers and plumbing: utils.py.
 """
 
 from __future__ import annotations
 
 import inspect
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -15,6 +17,7 @@ import torch
 import utils
 
 INJECT_MODES = ("none", "global", "local", "full")
+LM_DTYPES = ("bfloat16", "float32")  # what g can be trained against (projector.json's lm_dtype)
 PAD, BOS, TEXT, SOC_G, SOC_L = -1, 0, 1, 2, 3  # role of every position of an inserted sequence
 
 # ============ the insertion (paper §"Local and global social tokens") ============
@@ -272,6 +275,38 @@ class Projector(torch.nn.Module):
         return self.net((v - self.v_mean) / self.v_std)
 
 
+def load_projector(path, device):
+    """g and its projector.json (dims, lm, lm_dtype, encoder, inject, task, max_len, ...)."""
+    file = Path(path) / "projector.safetensors" if Path(path).is_dir() else Path(path)
+    tensors, cfg = utils.load_safetensors(file)
+    if missing := [k for k in ("in_dim", "out_dim", "depth", "hidden", "inject") if k not in cfg]:
+        raise ValueError(f"{file.with_suffix('.json')}: missing field(s) {missing}")
+    if (dtype := cfg.get("lm_dtype", "bfloat16")) not in LM_DTYPES:  # absent: load_lm's default
+        raise ValueError(f"{file.with_suffix('.json')}: lm_dtype {dtype!r}; expected {LM_DTYPES}")
+    if cfg.get("encoder"):  # stored relative to the projector's folder (older files: absolute)
+        cfg["encoder"] = os.path.normpath(file.parent / cfg["encoder"])
+    g = Projector(cfg["in_dim"], cfg["out_dim"], cfg["depth"], cfg["hidden"])
+    g.load_state_dict(tensors)
+    return g.to(device).eval(), cfg
+
+
+def social_vectors(g, feats, clip_index, layout, donors, items, condition):
+    """(inject, soc_l) for insert_social_tokens: soc_l = g(v_j), v_j = V's [CLS] of the frame
+    nearest each content word, in the item's clip, its donor clip (`shuffled`) or 0 (`zero`);
+    the controls take g's trained `layout`, so they sit where the real vectors sit."""
+    if condition == "none":
+        return "none", None
+    inject = layout if condition in ("zero", "shuffled") else condition
+    n_words = sum(len(it.t_p) for it in items)
+    if condition == "zero" or n_words == 0:  # (no content word: no V features were loaded)
+        return inject, torch.zeros(n_words, g.config["out_dim"], device=g.v_mean.device)
+    rows = []
+    for it in items:  # the frames of the item's own clip, or of its donor clip (`shuffled`)
+        clip = donors[it.clip_id] if condition == "shuffled" and len(it.t_p) else None
+        rows.append(word_frames(it, clip_index, clip))
+    return inject, g(feats[torch.from_numpy(np.concatenate(rows)).to(feats.device)])
+
+
 # ============ L's loss (L is frozen; utils.load_lm loads it) ============
 
 
@@ -292,6 +327,30 @@ def token_nll(L, batch: SocialBatch, compiled: bool = False, **flags) -> torch.T
     chunk = max(1, 2**28 // head.weight.shape[0])  # rows per pass: at most 2^28 logits
     args = (h, head.weight, head.bias, batch.loss_targets, softcap, chunk, compiled)
     return utils.FrozenHeadCrossEntropy.apply(*args)
+
+
+def load_trained_lm(cfg: dict, lm=None, lm_dtype: str = "auto", device="cpu"):
+    """(L, tokenizer, {lm, lm_dtype} for the results) as g was trained against: projector.json's
+    lm and lm_dtype (cfg; {} without g), unless lm or lm_dtype ("bfloat16", "float32") is given."""
+    lm = lm or cfg.get("lm") or utils.EMBEDDED_LM
+    dtype = cfg.get("lm_dtype") if lm_dtype == "auto" else lm_dtype  # None: load_lm's default
+    L, tokenizer = utils.load_lm(lm, device, getattr(torch, dtype) if dtype else None)
+    if cfg and (width := L.config.hidden_size) != cfg["out_dim"]:
+        raise SystemExit(f"g's out_dim is {cfg['out_dim']}, {lm}'s width {width}: not its L")
+    return L, tokenizer, {"lm": lm, "lm_dtype": str(L.dtype).removeprefix("torch.")}
+
+
+def forward_batches(L, items, social, condition, batch_size, device, extra=None, **flags):
+    """(batch, extra(batch), L's output) per batch of `items` with the social tokens of
+    `condition` (social(items, condition) -> inject, soc_l); extra(batch) -> more kwargs of L."""
+    for s in range(0, len(items), batch_size):
+        part = items[s : s + batch_size]
+        with utils.autocast(device):
+            inject, soc_l = social(part, condition)
+            batch = insert_social_tokens(part, soc_l, L.get_input_embeddings(), inject)
+            kw = extra(batch) if extra else {}
+            out = lm_forward(L, batch, **flags, **kw)
+        yield batch, kw, out
 
 
 # ============ decoding with L (paper: "At test time, we repeat noun/verb extraction, frame

@@ -24,11 +24,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from utils import atomic_write
+from utils import atomic_write, read_csv
 
-# --------------------------------------------------------------------------------------------
-# The demo set: people doing social actions to each other, and what is said about it
-# --------------------------------------------------------------------------------------------
+# ============ the demo set: people doing social actions to each other, and what is said =========
 
 DEMO_SIZE = (384, 216)  # width, height of the synthetic videos
 DEMO_FPS = 8
@@ -89,6 +87,20 @@ def parse_demo_text(text: str) -> dict[str, str | None]:
         "action": action,
         "target": next(iter(after), None),
     }
+
+
+SCENE_SLOTS = ("actor", "action", "target")  # who does what to whom: scenes.csv's columns
+
+
+def scene_labels(path: Path, rows: list[dict]) -> list[dict | None]:
+    """The scene (scenes.csv: actor, action, target) at each row's clip_id and t_sec, or None."""
+    spans: dict[str, list] = {}
+    for _, s in read_csv(path, ("clip_id", "start", "end", *SCENE_SLOTS)):
+        spans.setdefault(s["clip_id"], []).append((float(s["start"]), float(s["end"]), s))
+    return [
+        next((s for a, b, s in spans.get(r["clip_id"], []) if a <= r["t_sec"] < b), None)
+        for r in rows
+    ]
 
 
 def demo_clip(i: int, seed: int) -> dict:
@@ -369,8 +381,7 @@ def make_demo(args: argparse.Namespace, imap) -> None:
             raw / f"{clip['clip_id']}{suffix}", lambda tmp, text=text: Path(tmp).write_text(text)
         )
     videos = imap(functools.partial(write_demo_video, raw=raw), clips)
-    for _ in tqdm(videos, total=len(clips), desc="demo videos", unit="clip"):
-        pass
+    list(tqdm(videos, total=len(clips), desc="demo videos", unit="clip"))  # drive the pool
     scenes = ["clip_id,start,end,actor,action,target,people\n"]
     for c in clips:
         names = [p["name"] for p in c["people"]]

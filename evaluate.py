@@ -6,28 +6,21 @@
     frames). Visual gain = shuffled - that layout. exp(sum NLL / sum tokens); 95% bootstrap CIs
     resample utterances, the same resamples for every condition (paired differences).
   * Attention of text queries to [SOC-G], [SOC-L], BOS and text per layer and head, against zero
-    vectors at the same positions, and the heads that attend most to social tokens; the logit
-    lens at the social tokens; two projectors compared.
-  * RSA against human similarity (--index, --sim-rsm, --pool) or odd-one-out triplets: Spearman
-    rho of pooled hidden states' correlations, permutation p, bootstrap CI, the layer prespecified
-    (--layer) or chosen on half of the items and reported on the other half.
+    vectors at the same positions, and the heads that attend most to social tokens.
   * Decoding with social tokens: does L say who does what to whom; one example beside its frames.
   * A training-free social-aware attention bias (seed 002): log(1 + α·s) on the text-to-[SOC-*]
     logits of heads selected per input, with and without.
-  * The encoder probe: a linear probe of V's [CLS] for who does what to whom, before and after DINO.
+RSA, the logit lens, two projectors and the encoder probe: analyze.py.
 
-Writes OUT/eval/{ppl,attention,rsa,encoder_probe,generate,bias,...}.json, summary.md and plots:
+Writes OUT/eval/{ppl,attention,generate,bias,example}.json, summary.md and plots:
   python evaluate.py --data data/demo --projector out/proj --out out
 """
 
 import argparse
-import csv
 import json
 import math
-import os
 import time
 from functools import partial
-from itertools import permutations
 from pathlib import Path
 
 import numpy as np
@@ -36,27 +29,19 @@ import torch.nn.functional as F
 
 import common
 import utils
-from common import BOS, PAD, SOC_G, SOC_L, TEXT
+from common import PAD, SOC_G, SOC_L, TEXT
+from demo import SCENE_SLOTS, parse_demo_text, scene_labels
 
 CONDITIONS = ("none", "global", "local", "full", "zero", "shuffled")
-POOL_MODES = ("all", "exclude_soc", "only_soc", "locals_only", "eos")
 GROUP_NAMES = ("bos", "text", "soc_g", "soc_l")  # indexed by the roles BOS, TEXT, SOC_G, SOC_L
-PARTS = {"ppl": "--data", "attention": "--data, --projector", "rsa": "--index, --sim-rsm|triplets",
-         "encoder_probe": "--data with scenes.csv, --projector or --encoder",
-         "logit_lens": "--data, --projector", "compare": "--data, --projector, --compare",
-         "generate": "--data, --projector", "example": "--text, --frame, --projector",
+PARTS = {"ppl": "--data", "attention": "--data, --projector", "generate": "--data, --projector",
+         "example": "--text, --frame, --projector",
          "bias": "--data with a val split, --projector"}  # fmt: skip
-SLOTS = ("actor", "action", "target")  # who does what to whom: scenes.csv's columns
-DTYPES = ("auto", "bfloat16", "float32")  # of L; auto: what g was trained against
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def comma_list(text: str) -> list[str]:
-    return [x.strip() for x in text.split(",") if x.strip()]
-
-
 def floats(text: str) -> list[float]:
-    return [float(x) for x in comma_list(text)]
+    return [float(x) for x in utils.comma_list(text)]
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -68,11 +53,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--projector", type=Path, help="train_proj.py --out (without it: L alone)")
     p.add_argument("--encoder", type=Path, help="train_dino.py --out (default: projector.json's)")
     p.add_argument("--lm", help="the frozen L (default: projector.json's, else Gemma 3 270M)")
-    p.add_argument("--lm-dtype", default="auto", choices=DTYPES, help="auto: g's (projector.json)")
-    p.add_argument("--what", type=comma_list, help="ppl,attention,rsa (default: those given)")
+    p.add_argument("--lm-dtype", default="auto", choices=("auto", *common.LM_DTYPES),
+                   help="auto: g's (projector.json)")  # fmt: skip
+    p.add_argument("--what", type=utils.comma_list, help="ppl,attention,... (default: given)")
     p.add_argument("--split", default="val", help="held-out split to evaluate (val or test)")
     # perplexity and its intervals
-    p.add_argument("--conditions", type=comma_list, default=list(CONDITIONS), help="of %(default)s")
+    p.add_argument("--conditions", type=utils.comma_list, default=list(CONDITIONS),
+                   help="of %(default)s")  # fmt: skip
     p.add_argument("--steps", type=int, default=0, help="perplexity on N random batches (0: all)")
     p.add_argument("--batch-size", type=int, default=16, help="utterances per forward pass")
     p.add_argument("--max-len", type=int, help="max length with social tokens (default: g's)")
@@ -80,13 +67,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=DEVICE, help="cpu or cuda (bf16 autocast)")
     p.add_argument("--compile", action="store_true", help="torch.compile L's layers and loss")
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the CIs")
-    p.add_argument("--permutations", type=int, default=5000, help="permutations for RSA's p-value")
-    # attention, the logit lens, two projectors
+    # attention
     p.add_argument("--attention-examples", type=int, default=64, help="utterances averaged")
     p.add_argument("--top-heads", type=int, default=10, help="heads listed by social attention")
-    p.add_argument("--lens-examples", type=int, default=16, help="utterances in the logit lens")
-    p.add_argument("--top-k", type=int, default=5, help="tokens per layer in the logit lens")
-    p.add_argument("--compare", type=Path, help="another train_proj.py --out: cosine of [SOC-L]")
     # decoding with social tokens; the attention bias (its alpha chosen on val)
     p.add_argument("--prompt-words", type=int, default=2, help="decoding: prompt = first N words")
     p.add_argument("--max-new-tokens", type=int, default=12, help="decoding: tokens per prompt")
@@ -99,14 +82,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     # one example beside its frames
     p.add_argument("--text", help="one example: a sentence (its nouns and verbs get frames)")
     p.add_argument("--frame", type=Path, nargs="+", help="one example: image(s), one per word")
-    # RSA
-    p.add_argument("--index", type=Path, help="RSA items CSV: item_id,clip_id,text")
-    p.add_argument("--sim-rsm", type=Path, help="human similarity CSV: item_id, a column an id")
-    p.add_argument("--triplets", type=Path, help="odd-one-out CSV: item_a,item_b,item_c,odd")
-    p.add_argument("--pool", default="all", choices=POOL_MODES, help="RSA's pooled positions")
-    p.add_argument("--inject", choices=common.INJECT_MODES, help="RSA's (default: g's layout)")
-    p.add_argument("--layer", type=int, help="RSA layer (0: embeddings; default: chosen on half)")
-    p.add_argument("--spacy-model", default=utils.DEFAULT_SPACY_MODEL, help="POS of RSA texts")
     return p
 
 
@@ -128,36 +103,6 @@ def shuffle_donors(clips: list[str], seed: int) -> dict[str, str]:
     return {c: clips[k] for c, k in zip(clips, derangement(len(clips), seed), strict=True)}
 
 
-def social_vectors(g, feats, clip_index, layout, donors, items, condition):
-    """(inject, soc_l) for insert_social_tokens: soc_l = g(v_j), v_j = V's [CLS] of the frame
-    nearest each content word, in the item's clip, its donor clip (`shuffled`) or 0 (`zero`);
-    the controls take g's trained `layout`, so they sit where the real vectors sit."""
-    if condition == "none":
-        return "none", None
-    inject = layout if condition in ("zero", "shuffled") else condition
-    n_words = sum(len(it.t_p) for it in items)
-    if condition == "zero" or n_words == 0:  # (no content word: no V features were loaded)
-        return inject, torch.zeros(n_words, g.config["out_dim"], device=g.v_mean.device)
-    rows = []
-    for it in items:  # the frames of the item's own clip, or of its donor clip (`shuffled`)
-        clip = donors[it.clip_id] if condition == "shuffled" and len(it.t_p) else None
-        rows.append(common.word_frames(it, clip_index, clip))
-    return inject, g(feats[torch.from_numpy(np.concatenate(rows)).to(feats.device)])
-
-
-def forward(L, items, social, condition, batch_size, device, extra=None, **flags):
-    """(batch, extra(batch), L's output) per batch of `items` with the social tokens of `condition`;
-    extra(batch) -> more kwargs of L (the bias's)."""
-    for s in range(0, len(items), batch_size):
-        part = items[s : s + batch_size]
-        with utils.autocast(device):
-            inject, soc_l = social(part, condition)
-            batch = common.insert_social_tokens(part, soc_l, L.get_input_embeddings(), inject)
-            kw = extra(batch) if extra else {}
-            out = common.lm_forward(L, batch, **flags, **kw)
-        yield batch, kw, out
-
-
 # ============ perplexity with intervals ============
 def perplexity(nll_sum, tokens) -> float:
     """exp(sum NLL / sum tokens): the ratio of sums, not a mean of per-utterance ratios."""
@@ -176,14 +121,9 @@ def bootstrap_ratio(num: np.ndarray, den: np.ndarray, n_boot: int, seed: int) ->
     return out
 
 
-def percentile_ci(samples: np.ndarray, level: float = 0.95) -> list[float]:
-    a = (1.0 - level) / 2.0
-    return [float(x) for x in np.percentile(samples, [100 * a, 100 * (1 - a)])]
-
-
 def paired(point: dict, boot: dict, a, b, key: str) -> dict:
     """a - b, with the 95% CI of the difference over the same resamples of utterances."""
-    return {key: float(point[a] - point[b]), "ci95": percentile_ci(boot[a] - boot[b])}
+    return {key: float(point[a] - point[b]), "ci95": utils.percentile_ci(boot[a] - boot[b])}
 
 
 def ppl_report(nll: dict, tokens: dict, n_boot: int, seed: int, layout: str = "full") -> dict:
@@ -194,8 +134,8 @@ def ppl_report(nll: dict, tokens: dict, n_boot: int, seed: int, layout: str = "f
     boot = dict(zip(names, np.exp(bootstrap_ratio(*stacked, n_boot, seed)), strict=True))
     point, conds = {c: perplexity(nll[c], tokens[c]) for c in names}, {}
     for c in names:
-        conds[c] = dict(ppl=point[c], ci95=percentile_ci(boot[c]), tokens=int(np.sum(tokens[c])),
-                        utterances=len(nll[c]))  # fmt: skip
+        ci95, n_tokens = utils.percentile_ci(boot[c]), int(np.sum(tokens[c]))
+        conds[c] = dict(ppl=point[c], ci95=ci95, tokens=n_tokens, utterances=len(nll[c]))
         if "none" in names and c != "none":
             conds[c]["minus_none"] = paired(point, boot, c, "none", "ppl")
         plain = c.removesuffix("+bias")  # a control with the bias against the layout with it
@@ -283,12 +223,12 @@ def top_heads(shares: np.ndarray, baseline: np.ndarray, k: int) -> list[dict]:
 def run_attention(L, tokenizer, items, social, layout, batch_size, top_k, device):
     """(attention.json's body, heatmaps of items[0]) with g's vectors in its layout and zero
     vectors at the same positions. Eager attention: the one that returns the probabilities."""
-    sums, rows, heat = {}, {}, {}
+    sums, rows, heat, flags = {}, {}, {}, dict(output_attentions=True)
     before = L.config._attn_implementation
     L.set_attn_implementation("eager")
     try:
         for c in (layout, "zero"):
-            batches = forward(L, items, social, c, batch_size, device, output_attentions=True)
+            batches = common.forward_batches(L, items, social, c, batch_size, device, **flags)
             for k, (batch, _, out) in enumerate(batches):
                 sm, n = attention_share_sums(out.attentions, batch.roles)
                 sums[c], rows[c] = sums.get(c, 0.0) + sm, rows.get(c, 0) + n
@@ -311,159 +251,6 @@ def run_attention(L, tokenizer, items, social, layout, batch_size, top_k, device
     return {**report, "example": {"clip_id": items[0].clip_id, "tokens": tokens}}, heat
 
 
-# ============ the logit lens: what L's head reads at social tokens; two projectors ============
-@torch.no_grad()
-def logit_lens(L, tokenizer, items, social, layout, batch_size, k, device) -> dict:
-    """Per layer, the k tokens that L's final norm and head read at the [SOC-G] and the [SOC-L]
-    positions, by probability averaged over the positions; layer 0 is the input embedding."""
-    head, norm = L.get_output_embeddings(), L.get_decoder().norm
-    cap, sums, count = getattr(L.config, "final_logit_softcapping", None), {}, {}
-    batches = forward(L, items, social, layout, batch_size, device, output_hidden_states=True)
-    for batch, _, out in batches:
-        hidden = [*map(norm, out.hidden_states[:-1]), out.last_hidden_state]
-        for role, name in ((SOC_G, "soc_g"), (SOC_L, "soc_l")):
-            if not (where := batch.roles == role).any():
-                continue
-            acc = sums.setdefault(name, hidden[0].new_zeros(len(hidden), head.weight.shape[0]))
-            count[name] = count.get(name, 0) + int(where.sum())
-            for i, h in enumerate(hidden):  # a layer at a time: [positions, vocabulary] logits
-                z = head(h[where].to(head.weight.dtype)).float()
-                acc[i] += (cap * torch.tanh(z / cap) if cap else z).softmax(-1).sum(0)
-    layers = [{"layer": i} for i in range(len(hidden))]
-    for name, acc in sums.items():  # acc [layers, vocabulary]: summed probabilities
-        top = (acc / count[name]).topk(k)
-        for layer, p, ids in zip(layers, top.values.tolist(), top.indices.tolist(), strict=True):
-            tokens = tokenizer.convert_ids_to_tokens(ids)
-            layer[name] = [[t, q] for t, q in zip(tokens, p, strict=True)]
-    return {"layout": layout, "examples": len(items), "positions": count, "layers": layers}
-
-
-@torch.no_grad()
-def compare_projectors(g_a, feats_a, g_b, feats_b, frame_rows) -> dict:
-    """Cosine, frame by frame, of two projectors' [SOC-L] g_a(v_j) and g_b(v_j) (each g with the V
-    it was trained with) on the same frames; and the ratio of their norms."""
-    a, b = g_a(feats_a[frame_rows]).float(), g_b(feats_b[frame_rows]).float()
-    cos, ratio = F.cosine_similarity(a, b, dim=-1).cpu().numpy(), (b.norm(dim=-1) / a.norm(dim=-1))
-    stats = {q: float(np.percentile(cos, p)) for q, p in (("p05", 5), ("median", 50), ("p95", 95))}
-    out = {"frames": len(cos), "cosine": {"mean": float(cos.mean()), **stats}}
-    return {**out, "norm_ratio_b_over_a": float(ratio.mean()), "per_frame": cos.tolist()}
-
-
-# ============ RSA: pooled hidden states against human similarity ============
-def pool_hidden(hidden: torch.Tensor, group: torch.Tensor, mode: str) -> torch.Tensor:
-    """[B, T, D] hidden states -> [B, D] by the authors' --pool: all (but BOS), exclude_soc (text),
-    only_soc ([SOC-G] and [SOC-L]), locals_only ([SOC-L]) or eos (the last real position)."""
-    if mode == "eos":
-        last = (group != PAD).long().cumsum(1).argmax(1)  # last non-pad position, either padding
-        return hidden[torch.arange(hidden.shape[0]), last].float()
-    keep = dict(all=group > BOS, exclude_soc=group == TEXT, only_soc=group >= SOC_G,
-                locals_only=group == SOC_L)[mode]  # fmt: skip
-    if empty := torch.nonzero(keep.sum(1) == 0).flatten().tolist():
-        why = "no social tokens: check --inject and that the items have content words"
-        raise ValueError(f"--pool {mode}: sequence(s) {empty} have no position to pool ({why})")
-    w = keep.float().unsqueeze(-1)
-    return (hidden.float() * w).sum(1) / w.sum(1)
-
-
-@torch.no_grad()
-def pooled_states(L, items, social, inject, pool, batch_size, device) -> np.ndarray:
-    """[layers + 1, n_items, D] pooled hidden states (0: L's input embeddings, k: block k's)."""
-    batches = forward(L, items, social, inject, batch_size, device, output_hidden_states=True)
-    pooled = [[pool_hidden(h, b.roles, pool) for h in out.hidden_states] for b, _, out in batches]
-    return torch.cat([torch.stack(p).cpu() for p in pooled], dim=1).numpy()
-
-
-def model_similarity(x: np.ndarray) -> np.ndarray:
-    """1 - correlation distance between the rows of x [n, D] (scipy's 'correlation' metric)."""
-    return np.corrcoef(np.asarray(x, dtype=np.float64))
-
-
-def spearman_upper(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman rho between the upper triangles (i < j) of two item x item matrices, over the
-    pairs finite in both: the Pearson correlation of average ranks."""
-    from scipy.stats import rankdata
-
-    i, j = np.triu_indices(a.shape[0], 1)
-    ok = np.isfinite(a[i, j]) & np.isfinite(b[i, j])
-    rx, ry = (r - r.mean() for r in (rankdata(a[i, j][ok]), rankdata(b[i, j][ok])))
-    denom = math.sqrt(float((rx**2).sum() * (ry**2).sum()))
-    return float((rx * ry).sum() / denom) if denom > 0 else float("nan")
-
-
-def permutation_pvalue(model: np.ndarray, human: np.ndarray, n_perm: int, seed: int) -> float:
-    """One-sided p of rho > 0, permuting the model's items (rows and columns together): exact
-    over all n! orders when n! <= n_perm, else Monte Carlo with the +1 correction."""
-    n, obs = model.shape[0], spearman_upper(model, human)
-    if not math.isfinite(obs):  # a constant matrix has no rank order to test
-        return float("nan")
-    if math.factorial(n) <= n_perm:
-        rhos = [spearman_upper(model[np.ix_(p, p)], human) for p in permutations(range(n))]
-        return float(np.mean(np.array(rhos) >= obs - 1e-12))
-    rng = np.random.default_rng(seed)
-    null = (model[np.ix_(p, p)] for p in (rng.permutation(n) for _ in range(n_perm)))
-    return (1 + sum(spearman_upper(m, human) >= obs - 1e-12 for m in null)) / (1 + n_perm)
-
-
-def triplet_similarity(triplets: np.ndarray, n: int) -> np.ndarray:
-    """Human similarity of a pair: the fraction of its odd-one-out triplets where neither was the
-    odd one; NaN (out of the RSA) for pairs never shown together."""
-    together, shown = np.zeros((n, n)), np.zeros((n, n))
-    for a, b, c, odd in triplets:
-        for i, j in ((a, b), (a, c), (b, c), (b, a), (c, a), (c, b)):
-            shown[i, j] += 1
-            together[i, j] += odd not in (i, j)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        sim = np.where(shown > 0, together / shown, np.nan)
-    np.fill_diagonal(sim, np.nan)
-    return sim
-
-
-def odd_one_out_accuracy(model: np.ndarray, triplets: np.ndarray) -> float:
-    """How often the model's odd one (left out of its most similar pair) is the human's."""
-    a, b, c, odd = triplets.T
-    pair_sim = np.stack([model[b, c], model[a, c], model[a, b]], axis=1)  # pair without a, b, c
-    guess = np.stack([a, b, c], axis=1)[np.arange(len(a)), pair_sim.argmax(1)]
-    return float(np.mean(guess == odd))
-
-
-def rsa_report(sims, human, layer, n_perm, n_boot, seed, triplets=None) -> dict:
-    """RSA of per-layer model similarities [layers, n, n] against human [n, n]. A given `layer` is
-    reported on all items; else the best layer on a seeded half of the items is reported on the
-    other half, so that the choice does not inflate rho. The CI resamples items."""
-    n = human.shape[0]
-    if layer is not None:
-        if not -len(sims) <= layer < len(sims):
-            raise ValueError(f"--layer {layer}: the model has layers 0..{len(sims) - 1}")
-        layer, report, choice = layer % len(sims), np.arange(n), "prespecified (--layer)"
-    else:
-        if n < 6:
-            raise ValueError(f"{n} items are too few to choose a layer on half; give --layer")
-        perm = np.random.default_rng(seed).permutation(n)
-        select, report = np.sort(perm[: n // 2]), np.sort(perm[n // 2 :])
-        half = np.ix_(select, select)
-        layer = int(np.nanargmax([spearman_upper(m[half], human[half]) for m in sims]))
-        choice = f"chosen on {len(select)} items, reported on the other {len(report)}"
-    m, h = sims[layer][np.ix_(report, report)], human[np.ix_(report, report)]
-    pairs = int(np.isfinite(h[np.triu_indices(len(report), 1)]).sum())
-    out = dict(layer=layer, layer_choice=choice, rho=spearman_upper(m, h), items=len(report))
-    out.update(pairs=pairs, p_value=permutation_pvalue(m, h, n_perm, seed))
-    rng, rhos = np.random.default_rng(seed), []
-    for idx in (rng.integers(0, len(report), len(report)) for _ in range(n_boot)):
-        resampled = h[np.ix_(idx, idx)].copy()
-        resampled[idx[:, None] == idx[None, :]] = np.nan  # an item paired with its own copy: out
-        rhos.append(spearman_upper(m[np.ix_(idx, idx)], resampled))
-    rhos = np.array(rhos)[np.isfinite(rhos)]
-    out["ci95"] = percentile_ci(rhos) if len(rhos) else [float("nan"), float("nan")]
-    out["per_layer_rho_all_items"] = [spearman_upper(s, human) for s in sims]  # not for choosing
-    if triplets is not None:  # those whose three items are all reported on
-        pos = {int(k): r for r, k in enumerate(report)}
-        kept = [[pos[int(x)] for x in t] for t in triplets if all(int(x) in pos for x in t[:3])]
-        if kept:
-            acc = odd_one_out_accuracy(m, np.array(kept))
-            out["odd_one_out"] = {"accuracy": acc, "chance": 1 / 3, "triplets": len(kept)}
-    return out
-
-
 # ============ decoding with social tokens: does L say who does what to whom? ============
 def prompt_of(utt: dict, n_words: int, context=()) -> dict:
     """The utterance cut after its first n_words words, with clip, time span and earlier turns."""
@@ -474,8 +261,7 @@ def prompt_of(utt: dict, n_words: int, context=()) -> dict:
 
 
 def earlier_turns(utts: list[dict], n: int) -> list[list[dict]]:
-    """Per utterance, the up to n well-formed turns of its clip before it (tokenize_split's
-    context)."""
+    """Per utterance, the up to n well-formed turns of its clip before it (tokenize_split's)."""
     by_clip, out = common.clip_turns(utts)[0], []
     for u in utts:
         before = [t for t in by_clip.get(u["clip_id"], []) if t.get("turn", 0) < u.get("turn", 0)]
@@ -519,29 +305,25 @@ def run_generate(L, tokenizer, prompts, social, tagger, batch_size, two_pass=Fal
         if two_pass:
             whole = [u | {"text": u["text"] + r["text"]} for u, r in zip(p, gen, strict=True)]
             soc_g = training_soc_g(tokenizer, embed, tagger, whole, so)
-            n_chars = [len(u["text"]) for u in whole]
-            gen = common.decode_social(
-                L, tokenizer, p, so, tagger, soc_g=soc_g, n_chars=n_chars, **kw
-            )
+            n = [len(u["text"]) for u in whole]
+            gen = common.decode_social(L, tokenizer, p, so, tagger, soc_g=soc_g, n_chars=n, **kw)
         out += gen
     return out
 
 
 def score_generations(utts, prompts, gens: dict, scenes: list) -> tuple[list, dict]:
     """(generate.jsonl's records, hits[condition] [n, 4]): each generation parsed for actor, action
-    and target (demo.parse_demo_text) against the scene at its utterance's mid-time."""
-    from demo import parse_demo_text
-
+    and target (parse_demo_text) against the scene at its utterance's mid-time."""
     records, hits = [], {c: [] for c in gens}
     for i, (u, p, scene) in enumerate(zip(utts, prompts, scenes, strict=True)):
         rec = {"clip_id": u["clip_id"], "turn": u.get("turn"), "prompt": p["text"]}
-        rec.update(reference=u["text"], scene={k: scene[k] for k in SLOTS} if scene else None)
+        rec.update(reference=u["text"], scene={k: scene[k] for k in SCENE_SLOTS} if scene else None)
         for c, out in gens.items():
             text = p["text"] + out[i]["text"]
             rec[c] = {"generation": text, "parsed": parse_demo_text(text)}
             rec[c]["soc_l_frames"] = [int(j) for _, j in out[i]["soc_l"]]
             if scene:
-                hit = [rec[c]["parsed"][k] == (scene[k] or None) for k in SLOTS]
+                hit = [rec[c]["parsed"][k] == (scene[k] or None) for k in SCENE_SLOTS]
                 hits[c].append([*hit, all(hit)])
         records.append(rec)
     return records, hits
@@ -550,14 +332,14 @@ def score_generations(utts, prompts, gens: dict, scenes: list) -> tuple[list, di
 def accuracy_report(hits: dict, n_boot: int, seed: int) -> dict:
     """generate.json's body from hits[c] [n, 4] (actor, action, target, all; the same utterances
     for every c): accuracy and 95% CI per condition; visual = full - shuffled, paired."""
-    names, slots = list(hits), [*SLOTS, "all"]
+    names, slots = list(hits), [*SCENE_SLOTS, "all"]
     keys = [(c, h) for c in names for h in slots]
     x = np.concatenate([np.asarray(hits[c], np.float64).T for c in names])  # [C·4, n]
     acc = dict(zip(keys, x.mean(1), strict=True))
     boot = dict(zip(keys, bootstrap_ratio(x, np.ones_like(x), n_boot, seed), strict=True))
     out = {"conditions": {}, "utterances": len(hits[names[0]])}
     for c in names:
-        ci95 = {h: percentile_ci(boot[c, h]) for h in slots}
+        ci95 = {h: utils.percentile_ci(boot[c, h]) for h in slots}
         out["conditions"][c] = {"accuracy": {h: float(acc[c, h]) for h in slots}, "ci95": ci95}
 
     def minus(a: str, b: str) -> dict:
@@ -583,7 +365,7 @@ def example_view(L, tokenizer, g, V, layout, text, images, device) -> tuple[dict
     item, embed = common.tokenize_utterance(tokenizer, utt), L.get_input_embeddings()
     feats = utils.encode_frames(V, np.stack(images), device=device).to(device)
     clip_index = {"example": (np.arange(n), np.arange(n, dtype=np.float64))}
-    social = partial(social_vectors, g, feats, clip_index, layout, None)
+    social = partial(common.social_vectors, g, feats, clip_index, layout, None)
     tokens = tokenizer.convert_ids_to_tokens(item.input_ids[item.score_from :].tolist())
     loss, more = {"token": tokens}, {}
     for c in ("none", layout):
@@ -669,7 +451,8 @@ def bias_attention(L, items, social, condition, batch_size, device, bias=None) -
     """s [layers, H, n]: per input, each head's share of text-query attention on social keys
     under `condition` (zero: the baseline of position alone), with `bias` when given."""
     kw = bias or (lambda batch: {"social_roles": speaker_roles(batch)})  # L's kwargs of a batch
-    batches = forward(L, items, social, condition, batch_size, device, kw, output_attentions=True)
+    flags = dict(output_attentions=True)
+    batches = common.forward_batches(L, items, social, condition, batch_size, device, kw, **flags)
     s = [
         social_shares(o.attentions, k["social_roles"]).permute(0, 2, 1).cpu() for _, k, o in batches
     ]
@@ -718,185 +501,10 @@ def run_bias(args, L, val, items, social, layout, conditions, decode, score) -> 
                            for c, x in shares.items()})  # fmt: skip
 
 
-# ============ the encoder probe (demo): does V's [CLS] tell who does what to whom? ============
-def scene_labels(path: Path, rows: list[dict]) -> list[dict | None]:
-    """The scene (scenes.csv: actor, action, target) at each row's clip_id and t_sec, or None."""
-    spans: dict[str, list] = {}
-    for _, s in utils.read_csv(path, ("clip_id", "start", "end", *SLOTS)):
-        spans.setdefault(s["clip_id"], []).append((float(s["start"]), float(s["end"]), s))
-    return [
-        next((s for a, b, s in spans.get(r["clip_id"], []) if a <= r["t_sec"] < b), None)
-        for r in rows
-    ]
-
-
-def linear_probe(z_train: torch.Tensor, y_train: np.ndarray, z_test: torch.Tensor) -> np.ndarray:
-    """Softmax regression (L-BFGS, small L2) on standardised [CLS]: z_test's predicted labels."""
-    mu, sd = z_train.mean(0), z_train.std(0) + 1e-6
-    classes, y = np.unique(y_train, return_inverse=True)
-    w = torch.zeros(z_train.shape[1], len(classes), requires_grad=True)
-    b = torch.zeros(len(classes), requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], max_iter=200, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy((z_train - mu) / sd @ w + b, torch.from_numpy(y))
-        (loss + 1e-3 * (w**2).sum()).backward()
-        return loss
-
-    opt.step(closure)
-    with torch.no_grad():
-        return classes[((z_test - mu) / sd @ w + b).argmax(1).numpy()]
-
-
-def encoder_probe(feats, rows, labels, split: str) -> tuple[dict, dict, dict]:
-    """Accuracy of a linear probe of [CLS] for each slot, fit on the train split's frames and
-    read on `split`'s (held-out clips), and the chance of the train split's majority class."""
-    keep = [k for k, s in enumerate(labels) if s is not None]
-    fit = np.array([k for k in keep if rows[k]["split"] == "train"])
-    test = np.array([k for k in keep if rows[k]["split"] == split])
-    if len(fit) == 0 or len(test) == 0:
-        raise SystemExit(f"encoder probe: no labelled frames in split train or {split!r}")
-    z = feats[[rows[k]["frame_idx"] for k in range(len(rows))]].float()
-    acc, chance = {}, {}
-    for slot in SLOTS:
-        y = np.array([(labels[k] or {}).get(slot) or "none" for k in range(len(rows))])
-        acc[slot] = float(np.mean(linear_probe(z[fit], y[fit], z[test]) == y[test]))
-        values, counts = np.unique(y[fit], return_counts=True)
-        chance[slot] = float(np.mean(y[test] == values[counts.argmax()]))
-    return acc, chance, {"train": len(fit), split: len(test)}
-
-
-# ============ files: g, RSA items, human judgments ============
-def load_projector(path: Path, device: torch.device):
-    """g and its projector.json (dims, lm, lm_dtype, encoder, inject, task, max_len, ...)."""
-    file = Path(path) / "projector.safetensors" if Path(path).is_dir() else Path(path)
-    tensors, cfg = utils.load_safetensors(file)
-    if missing := [k for k in ("in_dim", "out_dim", "depth", "hidden", "inject") if k not in cfg]:
-        raise ValueError(f"{file.with_suffix('.json')}: missing field(s) {missing}")
-    if (dtype := cfg.get("lm_dtype", "bfloat16")) not in DTYPES[1:]:  # absent: load_lm's default
-        raise ValueError(f"{file.with_suffix('.json')}: lm_dtype {dtype!r}; expected {DTYPES[1:]}")
-    if cfg.get("encoder"):  # stored relative to the projector's folder (older files: absolute)
-        cfg["encoder"] = os.path.normpath(file.parent / cfg["encoder"])
-    g = common.Projector(cfg["in_dim"], cfg["out_dim"], cfg["depth"], cfg["hidden"])
-    g.load_state_dict(tensors)
-    return g.to(device).eval(), cfg
-
-
-def read_index(path: Path) -> list[dict]:
-    """RSA items: CSV `item_id,clip_id,text`; clip_id or text may be empty, not both."""
-    items, seen = [], {}
-    for line, row in utils.read_csv(path, ("item_id", "clip_id", "text")):
-        item = {k: (row[k] or "").strip() for k in ("item_id", "clip_id", "text")}
-        if not (name := item["item_id"]):
-            raise ValueError(f"{path}: line {line}: empty item_id")
-        if name in seen:
-            raise ValueError(f"{path}: line {line}: item_id {name!r} repeats line {seen[name]}")
-        if not item["clip_id"] and not item["text"]:
-            raise ValueError(f"{path}: line {line}: item {name!r} has neither clip_id nor text")
-        seen[name] = line
-        items.append(item)
-    if len(items) < 3:
-        raise ValueError(f"{path}: {len(items)} item(s); RSA needs at least 3")
-    return items
-
-
-def read_similarity_matrix(path: Path, ids: list[str]) -> np.ndarray:
-    """Human similarity CSV (item_id, a column per id) in the order of `ids`, square, symmetric."""
-    if not Path(path).exists():
-        raise FileNotFoundError(f"{path}: no such file")
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = [[c.strip() for c in r] for r in csv.reader(f) if r]
-    if not rows or rows[0][0] != "item_id":
-        raise ValueError(f"{path}: first header cell must be 'item_id'")
-    cols = rows[0][1:]
-    for what, found in (("column", cols), ("row", [r[0] for r in rows[1:]])):
-        for why, bad in (
-            ("appears more than once", [i for i in found if found.count(i) > 1]),
-            ("is not in the index", [i for i in found if i not in ids]),
-            ("is missing: the index has more items", [i for i in ids if i not in found]),
-        ):
-            if bad:
-                raise ValueError(f"{path}: {what} id {bad[0]!r} {why}")
-    values = {}
-    for line, r in enumerate(rows[1:], start=2):
-        if len(r) != len(cols) + 1:
-            raise ValueError(f"{path}: line {line} (item {r[0]!r}) has {len(r) - 1} values")
-        for col, cell in zip(cols, r[1:], strict=True):
-            try:
-                values[r[0], col] = float(cell)
-            except ValueError:
-                where = f"{path}: line {line}, column {col!r}"
-                raise ValueError(f"{where}: {cell!r} is not a number") from None
-    m = np.array([[values[a, b] for b in ids] for a in ids])
-    for i, j in np.argwhere(np.abs(m - m.T) > 1e-6 * np.maximum(1.0, np.abs(m)))[:1]:
-        a, b = ids[i], ids[j]
-        raise ValueError(f"{path}: not symmetric: ({a!r}, {b!r}) = {m[i, j]} != {m[j, i]}")
-    return m
-
-
-def read_triplets(path: Path, ids: list[str]) -> np.ndarray:
-    """Odd-one-out CSV `item_a,item_b,item_c,odd` -> [m, 4] item indices (odd is one of a, b, c)."""
-    pos, out = {i: k for k, i in enumerate(ids)}, []
-    for line, row in utils.read_csv(path, ("item_a", "item_b", "item_c", "odd")):
-        cells = [(row[k] or "").strip() for k in ("item_a", "item_b", "item_c", "odd")]
-        if unknown := [c for c in cells if c not in pos]:
-            raise ValueError(f"{path}: line {line}: item id {unknown[0]!r} is not in the index")
-        if len(set(cells[:3])) < 3:
-            raise ValueError(f"{path}: line {line}: a triplet needs three different items")
-        if cells[3] not in cells[:3]:
-            raise ValueError(f"{path}: line {line}: odd {cells[3]!r} is not one of the triplet")
-        out.append([pos[c] for c in cells])
-    if not out:
-        raise ValueError(f"{path}: no triplets")
-    return np.array(out, dtype=np.int64)
-
-
-def rsa_items(index, index_path, tokenizer, data, clip_index, tagger, max_len) -> list:
-    """One sequence per RSA item. Text and clip: the text, its nouns and verbs (`tagger`; None:
-    no social tokens) spread over the clip's time; text alone: no social tokens; clip alone: the
-    clip's last turn in --data, its earlier turns as context."""
-    turns: dict[str, list[dict]] = {}
-    for it in (it for it in index if it["clip_id"]):
-        where = f"{index_path}: item {it['item_id']!r}"
-        if data is None:
-            raise SystemExit(f"{where} names a clip: give --data")
-        if it["clip_id"] not in clip_index:
-            raise ValueError(f"{where}: clip {it['clip_id']!r} has no frames")
-        for u in [] if turns else utils.read_utterances(data):
-            turns.setdefault(u["clip_id"], []).append(u)
-    texts = [it["text"] for it in index if it["text"] and it["clip_id"]]
-    tags, items = iter(tagger.tag(texts) if tagger and texts else []), []
-    for it in index:
-        clip, text = it["clip_id"], it["text"]
-        if not text:
-            if clip not in turns:
-                raise ValueError(f"{index_path}: {it['item_id']!r}: no text, no turn in {data}")
-            t = sorted(turns[clip], key=lambda u: u.get("turn", 0))
-            items.append(common.tokenize_utterance(tokenizer, t[-1], t[:-1], max_len))
-            continue
-        words = next(tags) if clip and tagger else []
-        if words:  # each word at its middle character, over the clip's first to last frame time
-            times, spans = clip_index[clip][1], [(w["char_start"], w["char_end"]) for w in words]
-            t, _ = utils.word_times(spans, len(text), start=times[0], end=times[-1])
-            words = [{**w, "t_sec": tw} for w, tw in zip(words, t, strict=True)]
-        utt = {"clip_id": clip, "text": text, "words": words, "turn": it["item_id"]}
-        items.append(common.tokenize_utterance(tokenizer, utt, max_len=max_len))
-    return items
-
-
 # ============ outputs: plots and summary.md ============
-def figure(width: float = 7, height: float = 4, panels: int = 1):
-    """A matplotlib Figure and its row of axes; no pyplot: files only, no display needed."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), layout="tight")
-    return fig, fig.subplots(1, panels, squeeze=False)[0]
-
-
 def plot_attention_heatmaps(maps: dict, tokens: list[str], path: Path, title: str) -> None:
     """One example's attention received, tokens x layers, a panel per condition (real | zero)."""
-    fig, axes = figure(max(6, 0.35 * len(tokens)) * len(maps), 5, len(maps))
+    fig, axes = utils.figure(max(6, 0.35 * len(tokens)) * len(maps), 5, len(maps))
     vmax = max(float(m.max()) for m in maps.values())
     for ax, (name, m) in zip(axes, maps.items(), strict=True):
         im = ax.imshow(m, aspect="auto", cmap="viridis", vmin=0.0, vmax=vmax, origin="lower")
@@ -906,17 +514,11 @@ def plot_attention_heatmaps(maps: dict, tokens: list[str], path: Path, title: st
     fig.savefig(path, dpi=120)
 
 
-def plot_layers(path: Path, ylabel: str, lines: dict, rsa: dict | None = None) -> None:
-    """Values over L's layers, lines {label: (values, format, colour)}; with an `rsa` result, its
-    reported layer's rho and 95% CI marked."""
-    fig, (ax,) = figure()
+def plot_layers(path: Path, ylabel: str, lines: dict) -> None:
+    """Values over L's layers, lines {label: (values, format, colour)}."""
+    fig, (ax,) = utils.figure()
     for label, (y, fmt, colour) in lines.items():
         ax.plot(y, fmt, color=colour, label=label)
-    if rsa:
-        rho, (lo, hi), label = rsa["rho"], rsa["ci95"], f"reported ({rsa['layer_choice']})"
-        ax.errorbar([rsa["layer"]], [rho], [[rho - lo], [hi - rho]], fmt="o", color="tab:red",
-                    label=label)  # fmt: skip
-        ax.axhline(0.0, color="black", lw=0.5)
     ax.set(xticks=range(len(y)), xlabel="layer", ylabel=ylabel)
     ax.legend(fontsize=8)
     fig.savefig(path, dpi=120)
@@ -924,7 +526,7 @@ def plot_layers(path: Path, ylabel: str, lines: dict, rsa: dict | None = None) -
 
 def plot_ppl(ppl: dict, path: Path) -> None:
     """Perplexity per condition with its 95% bootstrap interval (log scale: `none` sits far up)."""
-    fig, (ax,) = figure()
+    fig, (ax,) = utils.figure()
     conds = ppl["conditions"]
     point, ci95 = np.array([r["ppl"] for r in conds.values()]), [r["ci95"] for r in conds.values()]
     err = np.abs(np.array(ci95).T - point)  # [2, C]: below and above the point
@@ -933,28 +535,19 @@ def plot_ppl(ppl: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def summary_markdown(ppl=None, attention=None, rsa=None, encoder_probe=None, logit_lens=None,
-                     compare=None, generate=None, example=None, bias=None) -> str:  # fmt: skip
+def summary_markdown(ppl=None, attention=None, generate=None, example=None, bias=None) -> str:
     """A markdown digest of the parts' JSON (those given)."""
-    md = ["# Evaluation summary"]
-
-    def ci(interval, fmt: str = ".2f") -> str:
-        return f"[{interval[0]:{fmt}}, {interval[1]:{fmt}}]"
-
-    def table(*head: str) -> None:
-        md.extend(["", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"])
-
-    def row(*cells) -> None:
-        md.append("| " + " | ".join(map(str, cells)) + " |")
+    md, ci, table = ["# Evaluation summary"], utils.ci_text, utils.markdown_table
 
     def minus(d: dict | None) -> str:  # a paired difference and its CI
         return f"{d['ppl']:+.2f} {ci(d['ci95'])}" if d else "—"
 
     if ppl:
         md.append(f"\n## Perplexity ({ppl['split']} split, {ppl['utterances']} utterances)")
-        table("condition", "perplexity", "95% CI", "minus none (95% CI)", "tokens")
-        for k, r in (c := ppl["conditions"]).items():
-            row(k, f"{r['ppl']:.2f}", ci(r["ci95"]), minus(r.get("minus_none")), r["tokens"])
+        c = ppl["conditions"]
+        rows = [[k, f"{r['ppl']:.2f}", ci(r["ci95"]), minus(r.get("minus_none")), r["tokens"]]
+                for k, r in c.items()]  # fmt: skip
+        md += table(("condition", "perplexity", "95% CI", "minus none (95% CI)", "tokens"), rows)
         if gain := ppl.get("visual_gain"):
             ref = gain.get("against", "full")  # g's trained layout (an older ppl.json: full)
             line = f"\nVisual gain (shuffled − {ref}): **{gain['ppl']:.2f}** {ci(gain['ci95'])}"
@@ -964,54 +557,38 @@ def summary_markdown(ppl=None, attention=None, rsa=None, encoder_probe=None, log
     if attention:
         n, layout = attention["examples"], attention["layout"]
         md.append(f"\n## Attention of text queries ({n} examples, mean of layers and heads)")
-        table("condition", *GROUP_NAMES)
-        for k, r in attention["conditions"].items():
-            row(k, *(f"{r['mean'][g]:.3f}" for g in GROUP_NAMES))
+        rows = [[k, *(f"{r['mean'][g]:.3f}" for g in GROUP_NAMES)]
+                for k, r in attention["conditions"].items()]  # fmt: skip
+        md += table(("condition", *GROUP_NAMES), rows)
         md.append(f"\nzero: zero vectors at the positions of {layout}. Heads most on [SOC-*]:")
-        table("layer", "head", "[SOC-*] share", "zero baseline", "excess")
-        for h in attention["top_heads"]:
-            shares = (h[k] for k in ("social_share", "zero_baseline", "excess"))
-            row(h["layer"], h["head"], *(f"{x:.3f}" for x in shares))
-    if rsa:
-        md.append(f"\n## RSA (--pool {rsa['pool']}, --inject {rsa['inject']}) against humans")
-        table("human", "layer", "rho", "95% CI", "p", "items", "pairs", "odd-one-out")
-        for r in rsa["results"]:
-            ooo = f"{r['odd_one_out']['accuracy']:.3f}" if "odd_one_out" in r else "—"
-            stats = f"{r['rho']:.3f}", ci(r["ci95"], ".3f"), f"{r['p_value']:.4f}", r["items"]
-            row(r["human"], r["layer"], *stats, r["pairs"], ooo)
-        md.append(f"\nLayer: {rsa['results'][0]['layer_choice']}.")
-    if encoder_probe:
-        n = " / ".join(f"{v} {k}" for k, v in encoder_probe["frames"].items())
-        md.append(f"\n## Encoder probe: linear probe of V's [CLS] ({n} frames)")
-        table("V", *SLOTS)
-        for k in (k for k in ("untrained", "fine_tuned", "chance") if k in encoder_probe):
-            row(k, *(f"{encoder_probe[k][s]:.3f}" for s in SLOTS))
+        keys = ("social_share", "zero_baseline", "excess")
+        rows = [[h["layer"], h["head"], *(f"{h[k]:.3f}" for k in keys)]
+                for h in attention["top_heads"]]  # fmt: skip
+        md += table(("layer", "head", "[SOC-*] share", "zero baseline", "excess"), rows)
     if generate and "conditions" in generate:
         n, k = generate["utterances"], generate["prompt_words"]
         md.append(f"\n## Decoding: who does what to whom ({n} utterances, prompt: first {k} words)")
-        table("condition", *SLOTS, "all three")
-        rows = {c: (r["accuracy"], r["ci95"]) for c, r in generate["conditions"].items()}
+        acc = {c: (r["accuracy"], r["ci95"]) for c, r in generate["conditions"].items()}
         if v := generate.get("visual"):
-            rows["visual: full − shuffled"] = ({h: x["accuracy"] for h, x in v.items()},
-                                               {h: x["ci95"] for h, x in v.items()})  # fmt: skip
-        for c, (acc, ci95) in rows.items():
-            row(c, *(f"{acc[h]:.2f} {ci(ci95[h])}" for h in acc))
-        md.append("")
+            acc["visual: full − shuffled"] = ({h: x["accuracy"] for h, x in v.items()},
+                                              {h: x["ci95"] for h, x in v.items()})  # fmt: skip
+        rows = [[c, *(f"{a[h]:.2f} {ci(i[h])}" for h in a)] for c, (a, i) in acc.items()]
+        md += table(("condition", *SCENE_SLOTS, "all three"), rows) + [""]
         for r in generate["examples"]:
             gens = "; ".join(f"{c}: *{r[c]['generation']}*" for c in generate["conditions"])
             md.append(f"- reference *{r['reference']}* — {gens}")
     if bias:
         n = " ".join(f"{float(a):g}: {p:.2f};" for a, p in bias["val_ppl_by_alpha"].items())
         md.append(f"\n## Social-aware attention bias (alpha {bias['alpha']:g} on val; {n[:-1]})")
-        cols = ("actor", "action", "all")  # decoding accuracy with and without the bias
-        table("condition", "perplexity (95% CI)", "with − without (95% CI)", *cols)
+        cols, rows = ("actor", "action", "all"), []  # decoding accuracy with and without the bias
         for c, r in bias["conditions"].items():  # decoding rows are named `full`: g's layout
             acc = r.get("accuracy", {}).get("accuracy", {})
             ppl_ci = f"{r['ppl']:.2f} {ci(r['ci95'])}" if "ppl" in r else "—"
             hits = (f"{acc[h]:.2f}" if h in acc else "—" for h in cols)
-            row(c, ppl_ci, minus(r.get("minus_unbiased")), *hits)
-        gains = [f"{c} − {g['against']} {g['ppl']:.2f} {ci(g['ci95'])}"
-                 for c, r in bias["conditions"].items() if (g := r.get("minus_layout"))]  # fmt: skip
+            rows.append([c, ppl_ci, minus(r.get("minus_unbiased")), *hits])
+        md += table(("condition", "perplexity (95% CI)", "with − without (95% CI)", *cols), rows)
+        against = {c: g for c, r in bias["conditions"].items() if (g := r.get("minus_layout"))}
+        gains = [f"{c} − {g['against']} {g['ppl']:.2f} {ci(g['ci95'])}" for c, g in against.items()]
         md.append("\nVisual gain: " + "; ".join(gains) + ".")
         att = " · ".join(f"{c} {r['mean']:.3f}" for c, r in bias["attention"].items())
         md.append(f"\nShare of text-query attention on [SOC-*]: {att}.")
@@ -1020,18 +597,6 @@ def summary_markdown(ppl=None, attention=None, rsa=None, encoder_probe=None, log
         md.append(f"\n{' '.join(example['sequence'])}\n")
         for c, more in example["continuation"].items():
             md.append(f"- {c}: mean loss {np.mean(example['loss'][c]):.2f}; continues *{more}*")
-    if logit_lens:
-        names = [n for n in ("soc_g", "soc_l") if n in logit_lens["layers"][0]]
-        md.append(f"\n## Logit lens: what L's head reads at social tokens (top 3 of {names})")
-        table("layer", *names)
-        for r in logit_lens["layers"]:
-            top3 = (" ".join(repr(t) for t, _ in r[n][:3]) for n in names)
-            row(r["layer"], *(t.replace("|", "\\|") for t in top3))
-    if compare:
-        c = compare["cosine"]
-        md.append(f"\n## Two projectors: cosine of [SOC-L] on {compare['frames']} frames")
-        md.append(f"\nmean {c['mean']:.3f}, median {c['median']:.3f}, 5-95% "
-                  f"[{c['p05']:.3f}, {c['p95']:.3f}]; {compare['b']} against {compare['a']}.")  # fmt: skip
     return "\n".join(md) + "\n"
 
 
@@ -1041,51 +606,32 @@ def main(argv: list[str] | None = None) -> None:
 
     # ============ the parts asked for (--what), or those whose inputs are given ============
     with_g = bool(args.data and args.projector)  # the parts that read L with g's social tokens
-    given = dict(ppl=args.data, attention=with_g, logit_lens=with_g, generate=with_g)
-    given["rsa"] = args.index and (args.sim_rsm or args.triplets)
-    given["compare"] = with_g and args.compare
-    scenes_csv = args.data and args.data / "scenes.csv"
-    given["encoder_probe"] = scenes_csv and scenes_csv.exists() and (args.projector or args.encoder)
+    given = dict(ppl=args.data, attention=with_g, generate=with_g)
     given["example"] = args.text and args.frame and args.projector
     val = utils.read_utterances(args.data, "val") if with_g else []  # the bias tunes alpha on val
     given["bias"] = any(w.get("content") for u in val for w in u.get("words", []))  # a noun or verb
-    parts = args.what or [p for p in PARTS if given[p]]
-    if unknown := [p for p in parts if p not in PARTS]:
-        raise SystemExit(f"--what: unknown part {unknown[0]!r}; expected {', '.join(PARTS)}")
-    if lacking := [p for p in parts if not given[p]]:
-        raise SystemExit(f"--what {lacking[0]} needs {PARTS[lacking[0]]}")
-    if not parts:
-        raise SystemExit(f"evaluate: nothing to do; the parts need {PARTS}")
+    parts = utils.chosen_parts(args.what, PARTS, given)
     if unknown := [c for c in args.conditions if c not in CONDITIONS]:
         raise SystemExit(f"--conditions: unknown {unknown}; expected some of {CONDITIONS}")
-    print("evaluate:", *parts, *[f"(no {p}: needs {PARTS[p]})" for p in PARTS if not given[p]])
     utils.seed_everything(args.seed)
     device, out = torch.device(args.device), args.out / "eval"
     out.mkdir(parents=True, exist_ok=True)
 
     # ============ g, and L in the dtype g was trained against ============
-    g, cfg = load_projector(args.projector, device) if args.projector else (None, {})
-    lm = args.lm or cfg.get("lm") or utils.EMBEDDED_LM
-    dtype = cfg.get("lm_dtype") if args.lm_dtype == "auto" else args.lm_dtype  # None: load_lm's
-    L, tokenizer = utils.load_lm(lm, device, getattr(torch, dtype) if dtype else None)
+    g, cfg = common.load_projector(args.projector, device) if args.projector else (None, {})
+    L, tokenizer, source = common.load_trained_lm(cfg, args.lm, args.lm_dtype, device)
+    source["projector"] = str(args.projector) if args.projector else None
     if args.compile:
         utils.compile_lm(L)
-    if g is not None and (width := L.config.hidden_size) != cfg["out_dim"]:
-        raise SystemExit(f"{args.projector}: g's out_dim {cfg['out_dim']}, {lm}'s width {width}")
-    source = dict(lm=lm, lm_dtype=str(L.dtype).removeprefix("torch."))
-    source["projector"] = str(args.projector) if args.projector else None
     layout = cfg.get("inject", "none")  # where g's vectors went in training: the controls' layout
     conditions = args.conditions if g is not None else ["none"]  # without g: L alone
-    rsa_inject = args.inject or layout
-    if rsa_inject != "none" and g is None:
-        raise SystemExit(f"--inject {rsa_inject} needs --projector (g makes the social tokens)")
     max_len = args.max_len or cfg.get("max_len", 256)
     task, turns = cfg.get("task", "utterance"), cfg.get("context_turns", 3)
 
-    # ============ held-out utterances, shuffled donors, RSA items ============
+    # ============ held-out utterances, shuffled donors ============
     clip_index = utils.clip_frame_index(utils.read_manifest(args.data)) if args.data else {}
-    items, skipped, donors, index, r_items = [], [], None, [], []
-    if {"ppl", "attention", "logit_lens", "generate", "bias"} & set(parts):
+    items, skipped, donors = [], [], None
+    if {"ppl", "attention", "generate", "bias"} & set(parts):
         utts = utils.read_utterances(args.data, args.split)
         items, skipped = common.tokenize_split(utts, tokenizer, clip_index, task, turns, max_len)
         if not items:
@@ -1095,21 +641,16 @@ def main(argv: list[str] | None = None) -> None:
             donors = shuffle_donors(sorted({it.clip_id for it in items if len(it.t_p)}), args.seed)
         except ValueError as e:
             raise SystemExit(f"{args.data}, split {args.split!r}: {e}") from None
-    if "rsa" in parts:
-        index = read_index(args.index)
-        pos = utils.PosTagger(args.spacy_model) if rsa_inject != "none" else None
-        r_items = rsa_items(index, args.index, tokenizer, args.data, clip_index, pos, max_len)
-    with_words = [it for it in items if len(it.t_p)]  # what attention and the logit lens read
 
     # ============ V: v_j = V(F_j)[CLS] of every frame (train_proj's cache) ============
     feats = None
-    if g is not None and (any(len(it.t_p) for it in [*items, *r_items]) or "compare" in parts):
+    if g is not None and any(len(it.t_p) for it in items):
         if (encoder := args.encoder or cfg.get("encoder")) is None:
             raise SystemExit(f"{args.projector}: projector.json names no encoder: give --encoder")
         V, _ = utils.load_encoder(encoder, device)
         frames = utils.open_frames(args.data)
         feats = utils.cached_features(V, args.data, frames, device, args.batch_size).to(device)
-    social = partial(social_vectors, g, feats, clip_index, layout, donors)  # (items, condition)
+    social = partial(common.social_vectors, g, feats, clip_index, layout, donors)  # (items, c)
 
     if "ppl" in parts:  # ============ perplexity under every condition ============
         batches = length_batches(items, args.batch_size, args.steps, args.seed)
@@ -1123,7 +664,7 @@ def main(argv: list[str] | None = None) -> None:
         plot_ppl(ppl, out / "ppl.png")
 
     if "attention" in parts:  # ============ attention to social tokens ============
-        if not (chosen := with_words[: args.attention_examples]):
+        if not (chosen := [it for it in items if len(it.t_p)][: args.attention_examples]):
             raise SystemExit(f"{args.data}: no {args.split} utterance has a content word")
         k, bs = args.top_heads, args.batch_size
         att, heat = run_attention(L, tokenizer, chosen, social, layout, bs, k, device)
@@ -1136,28 +677,13 @@ def main(argv: list[str] | None = None) -> None:
                 lines[f"{GROUP_NAMES[r]} ({c})"] = (np.array(v["per_layer"])[:, r], style, colour)
         plot_layers(out / "attention_layers.png", "share of attention (text queries)", lines)
 
-    if "logit_lens" in parts:  # ============ what L's head reads at social tokens ============
-        chosen, k, bs = with_words[: args.lens_examples], args.top_k, args.batch_size
-        lens = logit_lens(L, tokenizer, chosen, social, layout, bs, k, device)
-        utils.write_json(out / "logit_lens.json", lens)
-
-    if "compare" in parts:  # ============ two projectors' [SOC-L] on the same frames ============
-        g_b, cfg_b = load_projector(args.compare, device)
-        if cfg_b["out_dim"] != cfg["out_dim"] or not cfg_b.get("encoder"):
-            raise SystemExit(f"--compare {args.compare}: not a g for {lm} with its encoder")
-        V_b, _ = utils.load_encoder(cfg_b["encoder"], device)
-        feats_b = utils.cached_features(V_b, args.data, frames, device, args.batch_size)
-        rows = [r["frame_idx"] for r in utils.read_manifest(args.data) if r["split"] == args.split]
-        pair = compare_projectors(g, feats, g_b, feats_b.to(device), torch.tensor(rows))
-        names = {"a": str(args.projector), "b": str(args.compare), "split": args.split}
-        utils.write_json(out / "compare.json", {**names, **pair})
-
     if {"generate", "bias"} & set(parts):  # ============ prompts and scenes ============
         usable = donors if donors is not None else clip_index  # `shuffled` needs a donor clip
         utts = [u for u in utils.read_utterances(args.data, args.split) if u["clip_id"] in usable]
         context = earlier_turns(utts, turns if task == "next-utterance" else 0)
         prompts = [prompt_of(u, args.prompt_words, c) for u, c in zip(utts, context, strict=True)]
         mid = [{"clip_id": u["clip_id"], "t_sec": (u["start"] + u["end"]) / 2} for u in utts]
+        scenes_csv = args.data / "scenes.csv"  # the demo's: who does what to whom, when
         scenes = scene_labels(scenes_csv, mid) if scenes_csv.exists() else [None] * len(utts)
         score, tagger = partial(score_generations, utts, prompts, scenes=scenes), utils.PosTagger()
         decoding = dict(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
@@ -1211,45 +737,6 @@ def main(argv: list[str] | None = None) -> None:
         utils.write_json(out / "example.json", view)
         plot_attention_heatmaps(heat, view["sequence"], out / "example_attention.png", args.text)
         print(json.dumps({k: view[k] for k in ("sequence", "continuation")}, indent=1))
-
-    if "rsa" in parts:  # ============ RSA against human similarity ============
-        ids, targets = [it["item_id"] for it in index], []
-        if args.sim_rsm:
-            human = read_similarity_matrix(args.sim_rsm, ids)
-            targets.append((f"sim-rsm {args.sim_rsm}", human, None))
-        if args.triplets:
-            trip = read_triplets(args.triplets, ids)
-            targets.append((f"triplets {args.triplets}", triplet_similarity(trip, len(ids)), trip))
-        kinds = {"only_soc": ("global", "local", "full"), "locals_only": ("local", "full")}
-        for i, it in zip(ids, r_items, strict=True):  # --pool only_soc/locals_only need tokens
-            if args.pool in kinds and (rsa_inject not in kinds[args.pool] or not len(it.t_p)):
-                why = "gets no such social token (it needs a clip, a content word, --inject)"
-                raise SystemExit(f"--pool {args.pool} with --inject {rsa_inject}: item {i!r} {why}")
-        states = pooled_states(L, r_items, social, rsa_inject, args.pool, args.batch_size, device)
-        sims = np.stack([model_similarity(x) for x in states])  # [layers + 1, n, n]
-        stats = (args.layer, args.permutations, args.bootstrap, args.seed)
-        results = [{"human": name, **rsa_report(sims, h, *stats, t)} for name, h, t in targets]
-        rsa = dict(pool=args.pool, inject=rsa_inject, index=str(args.index), items=len(ids))
-        rsa["similarity"] = "1 - correlation distance of pooled hidden states"
-        utils.write_json(out / "rsa.json", {**rsa, "results": results, **source})
-        r = results[0]
-        lines = {"all items (descriptive)": (r["per_layer_rho_all_items"], "o-", "tab:gray")}
-        plot_layers(out / "rsa_layers.png", "Spearman rho (model vs human)", lines, r)
-
-    if "encoder_probe" in parts:  # ============ what DINO adds to V: a linear probe ============
-        encoder = Path(args.encoder or cfg["encoder"])
-        encoder = encoder if encoder.is_file() else encoder / "encoder.safetensors"
-        rows, frames = utils.read_manifest(args.data), utils.open_frames(args.data)
-        labels = scene_labels(scenes_csv, rows)
-        probe = {"split": args.split, "encoder": str(encoder), "frames": {}}
-        start = encoder.with_name("start.safetensors")  # V before DINO (older train_dino: none)
-        for name, path in (("untrained", start), ("fine_tuned", encoder)):
-            if path.exists():
-                V, _ = utils.load_encoder(path, device)
-                z = utils.cached_features(V, args.data, frames, device, args.batch_size)
-                fit = encoder_probe(z, rows, labels, args.split)
-                probe[name], probe["chance"], probe["frames"] = fit
-        utils.write_json(out / "encoder_probe.json", probe)
 
     # ============ summary.md of every part's JSON in OUT/eval (earlier runs' too) ============
     done = {k: json.loads(p.read_text()) for k in PARTS if (p := out / f"{k}.json").exists()}

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Social tokens end to end: prep -> train_dino -> train_proj -> evaluate.
+# Social tokens end to end: prep -> train_dino -> train_proj -> evaluate -> analyze.
 #
 #   bash run_all.sh                      # the embedded demo, CPU or all local GPUs
 #   DATA=data/mine VIDEOS=~/videos bash run_all.sh   # your own videos + transcripts
@@ -57,7 +57,7 @@ else
   # evaluate in batches of 48: decoding gives 1.5x the tokens/s of 16 (bench_decode, 48
   # prompts; README). Two-pass decoding and the attention bias (seed 002) are left to GPUs: on 2
   # cores each takes about as long as the rest of evaluate.
-  EVAL_ARGS=(--batch-size 48) PARTS=ppl,attention,logit_lens,generate
+  EVAL_ARGS=(--batch-size 48) PARTS=ppl,attention,generate
 fi
 
 if [ "${PRETRAINED:-0}" = 1 ]; then DINO_ARGS+=(--pretrained); fi
@@ -96,12 +96,14 @@ if [ -e "$DATA/scenes.csv" ]; then  # the demo
   # A third of its sentences name the actor in their first two words ("The green man ..."): a
   # two-word prompt would hand every condition, `shuffled` too, the actor's colour.
   EVAL_ARGS+=(--prompt-words 1)
-  PARTS=${PARTS:+$PARTS,encoder_probe}
 fi
 if [ -n "$PARTS" ]; then EVAL_ARGS+=(--what "$PARTS"); fi
 stage evaluate "$OUT/eval/summary.md" "$PYTHON" evaluate.py \
   --data "$DATA" --out "$OUT" --projector "$OUT/proj" --split test "${EVAL_ARGS[@]}"
+# the logit lens, and on the demo the encoder probe (RSA needs human judgments: README)
+stage analyze "$OUT/analysis/summary.md" "$PYTHON" analyze.py \
+  --data "$DATA" --out "$OUT" --projector "$OUT/proj" --split test
 
 echo
 echo "=== stage times (s): ${TIMES[*]:-none}; total $(($(date +%s) - T0)) s"
-cat "$OUT/eval/summary.md"
+cat "$OUT/eval/summary.md" "$OUT/analysis/summary.md"

@@ -689,16 +689,58 @@ def log_metrics(out: Path, record: dict) -> None:
 
 def plot_metrics(out: Path, keys) -> None:
     """out/metrics.png: each of `keys` in out/metrics.jsonl against the step, a panel each (rank
-    0; matplotlib's Figure without pyplot: a file, no display)."""
-    from matplotlib.figure import Figure
-
+    0)."""
     if not is_main():
         return
     lines = (Path(out) / "metrics.jsonl").read_text().splitlines()
     records = [json.loads(line) for line in lines if line.strip()]
-    fig = Figure(figsize=(3.6 * len(keys), 3), layout="tight")
-    for ax, key in zip(fig.subplots(1, len(keys), squeeze=False)[0], keys, strict=True):
+    fig, axes = figure(3.6 * len(keys), 3, len(keys))
+    for ax, key in zip(axes, keys, strict=True):
         steps = [r["step"] for r in records if key in r]
         ax.plot(steps, [r[key] for r in records if key in r], "o-" if len(steps) < 30 else "-")
         ax.set(xlabel="step", title=key, yscale="log" if "ppl" in key else "linear")
     atomic_write(Path(out) / "metrics.png", lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+
+
+# ============ results: the parts asked for, intervals, tables, plots ============
+
+
+def comma_list(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def chosen_parts(what: list[str] | None, needs: dict[str, str], given: dict) -> list[str]:
+    """The parts of an evaluation stage to run: --what's (each checked against what it `needs`),
+    else those whose inputs are `given`."""
+    parts = what or [p for p in needs if given[p]]
+    if unknown := [p for p in parts if p not in needs]:
+        raise SystemExit(f"--what: unknown part {unknown[0]!r}; expected {', '.join(needs)}")
+    if lacking := [p for p in parts if not given[p]]:
+        raise SystemExit(f"--what {lacking[0]} needs {needs[lacking[0]]}")
+    if not parts:
+        raise SystemExit(f"nothing to do; the parts need {needs}")
+    print("parts:", *parts, *[f"(no {p}: needs {needs[p]})" for p in needs if not given[p]])
+    return parts
+
+
+def percentile_ci(samples: np.ndarray, level: float = 0.95) -> list[float]:
+    a = (1.0 - level) / 2.0
+    return [float(x) for x in np.percentile(samples, [100 * a, 100 * (1 - a)])]
+
+
+def ci_text(interval, fmt: str = ".2f") -> str:
+    return f"[{interval[0]:{fmt}}, {interval[1]:{fmt}}]"
+
+
+def markdown_table(head, rows) -> list[str]:
+    """The lines of a markdown table, a blank line first."""
+    lines = ["", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    return lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows]
+
+
+def figure(width: float = 7, height: float = 4, panels: int = 1):
+    """A matplotlib Figure and its row of axes; no pyplot: files only, no display needed."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), layout="tight")
+    return fig, fig.subplots(1, panels, squeeze=False)[0]

@@ -19,6 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import common  # noqa: E402
 import evaluate as ev  # noqa: E402
 import utils  # noqa: E402
 
@@ -29,8 +30,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--projector", type=Path, required=True, help="train_proj.py --out")
     p.add_argument("--split", default="test", help="held-out split of the prompts")
     p.add_argument("--prompts", type=int, default=16, help="prompts timed (the split's first)")
-    p.add_argument("--batch-size", type=ev.comma_list, default=["1"], help="e.g. 1,16")
-    p.add_argument("--lm-dtype", type=ev.comma_list, default=["float32"], help="e.g. float32")
+    p.add_argument("--batch-size", type=utils.comma_list, default=["1"], help="e.g. 1,16")
+    p.add_argument("--lm-dtype", type=utils.comma_list, default=["float32"], help="e.g. float32")
     p.add_argument("--max-new-tokens", type=int, default=12, help="tokens per prompt at most")
     p.add_argument("--device", default=ev.DEVICE, help="cpu or cuda")
     return p
@@ -39,7 +40,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main() -> None:
     args = get_args_parser().parse_args()
     device = torch.device(args.device)
-    g, cfg = ev.load_projector(args.projector, device)
+    g, cfg = common.load_projector(args.projector, device)
     V, _ = utils.load_encoder(cfg["encoder"], device)
     feats = utils.cached_features(V, args.data, utils.open_frames(args.data), device, 64)
     clip_index = utils.clip_frame_index(utils.read_manifest(args.data))

@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     g = common.Projector(args.cls_dim, L.config.hidden_size).to(device).eval()
     feats = torch.randn(30 * len(clip_index), args.cls_dim, device=device)  # v_j of every frame
     donors = ev.shuffle_donors(list(clip_index), args.seed)
-    social = partial(ev.social_vectors, g, feats, clip_index, "full", donors)
+    social = partial(common.social_vectors, g, feats, clip_index, "full", donors)
     conditions = [c for c in args.conditions.split(",") if c]
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()

@@ -50,7 +50,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0, help="the derangement's and bootstrap's seed")
     p.add_argument("--by-first-word", action="store_true", help="a table per first word too")
     args = p.parse_args()
-    g, cfg = ev.load_projector(args.projector, "cpu")
+    g, cfg = common.load_projector(args.projector, "cpu")
     if cfg.get("task", "utterance") != "utterance":
         raise SystemExit(f"{args.projector}: slot NLL reads --task utterance projectors only")
     L, tokenizer = utils.load_lm(cfg["lm"], "cpu", getattr(torch, cfg.get("lm_dtype", "float32")))
@@ -60,7 +60,7 @@ def main() -> None:
     utts = utils.read_utterances(args.data, args.split)
     items, _ = common.tokenize_split(utts, tokenizer, clip_index, "utterance", 0, cfg["max_len"])
     donors = ev.shuffle_donors(sorted({it.clip_id for it in items if len(it.t_p)}), args.seed)
-    social = partial(ev.social_vectors, g, feats, clip_index, cfg["inject"], donors)
+    social = partial(common.social_vectors, g, feats, clip_index, cfg["inject"], donors)
     slots = [np.array(token_slots(tokenizer, it)) for it in items]
     nll = {}  # condition -> [utterance, slot] mean NLL (nan: no such token)
     with torch.no_grad():

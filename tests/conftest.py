@@ -85,3 +85,54 @@ def demo_data(tmp_path_factory) -> Path:
     run = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-3000:]
     return out
+
+
+def tiny_lm_dir(data, out):
+    """A tiny random Gemma 3 with a word-level tokenizer over the demo's words (BOS first,
+    character offsets), saved as a local folder that --lm accepts."""
+    import re
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    import utils
+
+    texts = [u["text"] for u in utils.read_utterances(data)]
+    words = sorted({w for t in texts for w in re.findall(r"\w+|[^\w\s]+", t)})
+    vocab = {w: i for i, w in enumerate(["<pad>", "<eos>", "<bos>", "<unk>", *words])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", special_tokens=[("<bos>", vocab["<bos>"])]
+    )
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+    ).save_pretrained(out)
+    ids = {"pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2}
+    tiny_gemma(len(vocab), "sdpa", max_position_embeddings=512, final_logit_softcapping=None,
+               **ids).save_pretrained(out)  # fmt: skip
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained(demo_data, tmp_path_factory):
+    """(data, projector dir, LM dir): g trained for a few steps by train_proj.py on the demo."""
+    import train_proj
+    import utils
+
+    root = tmp_path_factory.mktemp("eval_e2e")
+    lm = tiny_lm_dir(demo_data, root / "lm")
+    torch.manual_seed(0)
+    overrides = {"depth": 1, "embed_dim": 48, "num_heads": 2}
+    V = utils.build_vit(img_size=112, layerscale_init=1.0, **overrides)
+    utils.export_encoder(
+        V, root / "enc", {"arch": utils.DEFAULT_ARCH, "img_size": 112, "overrides": overrides}
+    )
+    args = ["--data", str(demo_data), "--out", str(root / "proj"), "--lm", str(lm)]
+    args += ["--encoder", str(root / "enc"), "--steps", "6", "--batch-size", "4"]
+    train_proj.main([*args, "--device", "cpu", "--lr", "3e-3"])
+    return demo_data, root / "proj", lm

@@ -14,6 +14,7 @@ ALLOWED = {  # the project's modules and what each may import of the project
     "train_dino": {"utils"},
     "train_proj": {"common", "utils"},
     "evaluate": {"common", "utils", "demo"},  # demo.py owns the demo's vocabulary
+    "analyze": {"common", "utils", "demo"},
     "common": {"utils"},
     "utils": set(),
     "demo": {"utils"},

@@ -54,6 +54,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-len", type=int, help="max length with social tokens (default: g's)")
     p.add_argument("--seed", type=int, default=0, help="seeds RSA's halves and resampling")
     p.add_argument("--device", default=DEVICE, help="cpu or cuda (bf16 autocast)")
+    p.add_argument("--compile", action="store_true", help="torch.compile L's layers")
     # RSA
     p.add_argument("--index", type=Path, help="RSA items CSV: item_id,clip_id,text")
     p.add_argument("--sim-rsm", type=Path, help="human similarity CSV: item_id, a column an id")
@@ -429,7 +430,7 @@ def main(argv: list[str] | None = None) -> None:
     given = dict(rsa=args.index and (args.sim_rsm or args.triplets), logit_lens=with_g)
     given["compare"] = with_g and args.compare
     given["encoder_probe"] = scenes_csv and scenes_csv.exists() and (args.projector or args.encoder)
-    parts = utils.chosen_parts(args.what, PARTS, given)
+    parts = utils.chosen_parts("analyze", args.what, PARTS, given)
     utils.seed_everything(args.seed)
     device, out = torch.device(args.device), args.out / "analysis"
     out.mkdir(parents=True, exist_ok=True)
@@ -437,11 +438,12 @@ def main(argv: list[str] | None = None) -> None:
     # ============ g, and L in the dtype g was trained against ============
     g, cfg = common.load_projector(args.projector, device) if args.projector else (None, {})
     layout = cfg.get("inject", "none")  # where g's vectors went in training
-    if (rsa_inject := args.inject or layout) != "none" and g is None:
-        raise SystemExit(f"--inject {rsa_inject} needs --projector (g makes the social tokens)")
+    L = tokenizer = None  # L reads text in RSA and the logit lens only
     if {"rsa", "logit_lens"} & set(parts):
         L, tokenizer, source = common.load_trained_lm(cfg, args.lm, args.lm_dtype, device)
         source["projector"] = str(args.projector) if args.projector else None
+        if args.compile:
+            utils.compile_lm(L)
     max_len = args.max_len or cfg.get("max_len", 256)
     clip_index = utils.clip_frame_index(utils.read_manifest(args.data)) if args.data else {}
 
@@ -452,8 +454,11 @@ def main(argv: list[str] | None = None) -> None:
         utts = utils.read_utterances(args.data, args.split)
         items = common.tokenize_split(utts, tokenizer, clip_index, task, turns, max_len)[0]
         if not (items := [it for it in items if len(it.t_p)][: args.lens_examples]):
-            raise SystemExit(f"{args.data}: no {args.split} utterance has a content word")
+            why = "has a content word (the logit lens reads social tokens)"
+            raise SystemExit(f"{args.data}: no {args.split} utterance {why}")
     if "rsa" in parts:
+        if (rsa_inject := args.inject or layout) != "none" and g is None:
+            raise SystemExit(f"--inject {rsa_inject} needs --projector (g makes the social tokens)")
         index = read_index(args.index)
         pos = utils.PosTagger(args.spacy_model) if rsa_inject != "none" else None
         r_items = rsa_items(index, args.index, tokenizer, args.data, clip_index, pos, max_len)
@@ -463,9 +468,7 @@ def main(argv: list[str] | None = None) -> None:
     if g is not None and (any(len(it.t_p) for it in [*items, *r_items]) or "compare" in parts):
         if (encoder := args.encoder or cfg.get("encoder")) is None:
             raise SystemExit(f"{args.projector}: projector.json names no encoder: give --encoder")
-        V, _ = utils.load_encoder(encoder, device)
-        frames = utils.open_frames(args.data)
-        feats = utils.cached_features(V, args.data, frames, device, args.batch_size).to(device)
+        feats = utils.frame_features(encoder, args.data, device, args.batch_size).to(device)
     social = partial(common.social_vectors, g, feats, clip_index, layout, None)
 
     if "rsa" in parts:  # ============ RSA against human similarity ============
@@ -497,9 +500,9 @@ def main(argv: list[str] | None = None) -> None:
     if "compare" in parts:  # ============ two projectors' [SOC-L] on the same frames ============
         g_b, cfg_b = common.load_projector(args.compare, device)
         if cfg_b["out_dim"] != cfg["out_dim"] or not cfg_b.get("encoder"):
-            raise SystemExit(f"--compare {args.compare}: not a g for {cfg.get('lm')} with its V")
-        V_b, _ = utils.load_encoder(cfg_b["encoder"], device)
-        feats_b = utils.cached_features(V_b, args.data, frames, device, args.batch_size)
+            raise SystemExit(f"--compare {args.compare}: its out_dim is not {args.projector}'s "
+                             f"({cfg['out_dim']}), or its projector.json names no encoder")  # fmt: skip
+        feats_b = utils.frame_features(cfg_b["encoder"], args.data, device, args.batch_size)
         rows = [r["frame_idx"] for r in utils.read_manifest(args.data) if r["split"] == args.split]
         pair = compare_projectors(g, feats, g_b, feats_b.to(device), torch.tensor(rows))
         names = {"a": str(args.projector), "b": str(args.compare), "split": args.split}
@@ -508,14 +511,13 @@ def main(argv: list[str] | None = None) -> None:
     if "encoder_probe" in parts:  # ============ what DINO adds to V: a linear probe ============
         encoder = Path(args.encoder or cfg["encoder"])
         encoder = encoder if encoder.is_file() else encoder / "encoder.safetensors"
-        rows, frames = utils.read_manifest(args.data), utils.open_frames(args.data)
+        rows = utils.read_manifest(args.data)
         labels = scene_labels(scenes_csv, rows)
         probe = {"split": args.split, "encoder": str(encoder), "frames": {}}
         start = encoder.with_name("start.safetensors")  # V before DINO (older train_dino: none)
         for name, path in (("untrained", start), ("fine_tuned", encoder)):
             if path.exists():
-                V, _ = utils.load_encoder(path, device)
-                z = utils.cached_features(V, args.data, frames, device, args.batch_size)
+                z = utils.frame_features(path, args.data, device, args.batch_size)
                 fit = encoder_probe(z, rows, labels, args.split)
                 probe[name], probe["chance"], probe["frames"] = fit
         utils.write_json(out / "encoder_probe.json", probe)

@@ -285,6 +285,7 @@ def load_projector(path, device):
         raise ValueError(f"{file.with_suffix('.json')}: lm_dtype {dtype!r}; expected {LM_DTYPES}")
     if cfg.get("encoder"):  # stored relative to the projector's folder (older files: absolute)
         cfg["encoder"] = os.path.normpath(file.parent / cfg["encoder"])
+    cfg["file"] = str(file.with_suffix(".json"))  # for messages
     g = Projector(cfg["in_dim"], cfg["out_dim"], cfg["depth"], cfg["hidden"])
     g.load_state_dict(tensors)
     return g.to(device).eval(), cfg
@@ -307,7 +308,7 @@ def social_vectors(g, feats, clip_index, layout, donors, items, condition):
     return inject, g(feats[torch.from_numpy(np.concatenate(rows)).to(feats.device)])
 
 
-# ============ L's loss (L is frozen; utils.load_lm loads it) ============
+# ============ L (frozen): loaded as g was trained against, its loss, forward passes ============
 
 
 def lm_forward(L, batch: SocialBatch, **flags):
@@ -336,7 +337,7 @@ def load_trained_lm(cfg: dict, lm=None, lm_dtype: str = "auto", device="cpu"):
     dtype = cfg.get("lm_dtype") if lm_dtype == "auto" else lm_dtype  # None: load_lm's default
     L, tokenizer = utils.load_lm(lm, device, getattr(torch, dtype) if dtype else None)
     if cfg and (width := L.config.hidden_size) != cfg["out_dim"]:
-        raise SystemExit(f"g's out_dim is {cfg['out_dim']}, {lm}'s width {width}: not its L")
+        raise ValueError(f"{cfg['file']}: g's out_dim {cfg['out_dim']}, {lm}'s width {width}")
     return L, tokenizer, {"lm": lm, "lm_dtype": str(L.dtype).removeprefix("torch.")}
 
 

@@ -7,7 +7,7 @@ men) at fixed places, 3-5 events per clip; in each event one person acts on anot
 hugs, shakes hands with, points at, turns away from, laughs at, argues with) or alone (cries, sits
 down, jumps), and one utterance, spoken inside the event, says so. The actors, actions and
 targets are predictable from the frame nearest each word, not from the text. Deterministic given
-the seed. OUT/scenes.csv keeps the scene labels for probes.
+the seed. OUT/scenes.csv keeps the scene labels (scene_labels reads them back).
 """
 
 from __future__ import annotations
@@ -382,7 +382,7 @@ def make_demo(args: argparse.Namespace, imap) -> None:
         )
     videos = imap(functools.partial(write_demo_video, raw=raw), clips)
     list(tqdm(videos, total=len(clips), desc="demo videos", unit="clip"))  # drive the pool
-    scenes = ["clip_id,start,end,actor,action,target,people\n"]
+    scenes = [f"clip_id,start,end,{','.join(SCENE_SLOTS)},people\n"]
     for c in clips:
         names = [p["name"] for p in c["people"]]
         for e in c["events"]:

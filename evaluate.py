@@ -610,7 +610,7 @@ def main(argv: list[str] | None = None) -> None:
     given["example"] = args.text and args.frame and args.projector
     val = utils.read_utterances(args.data, "val") if with_g else []  # the bias tunes alpha on val
     given["bias"] = any(w.get("content") for u in val for w in u.get("words", []))  # a noun or verb
-    parts = utils.chosen_parts(args.what, PARTS, given)
+    parts = utils.chosen_parts("evaluate", args.what, PARTS, given)
     if unknown := [c for c in args.conditions if c not in CONDITIONS]:
         raise SystemExit(f"--conditions: unknown {unknown}; expected some of {CONDITIONS}")
     utils.seed_everything(args.seed)
@@ -647,9 +647,7 @@ def main(argv: list[str] | None = None) -> None:
     if g is not None and any(len(it.t_p) for it in items):
         if (encoder := args.encoder or cfg.get("encoder")) is None:
             raise SystemExit(f"{args.projector}: projector.json names no encoder: give --encoder")
-        V, _ = utils.load_encoder(encoder, device)
-        frames = utils.open_frames(args.data)
-        feats = utils.cached_features(V, args.data, frames, device, args.batch_size).to(device)
+        feats = utils.frame_features(encoder, args.data, device, args.batch_size).to(device)
     social = partial(common.social_vectors, g, feats, clip_index, layout, donors)  # (items, c)
 
     if "ppl" in parts:  # ============ perplexity under every condition ============

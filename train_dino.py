@@ -562,7 +562,7 @@ def color_jitter(x: torch.Tensor, factors: torch.Tensor, basis: torch.Tensor) ->
     angle = factors[:, 3]
     coef = torch.stack([torch.ones_like(angle), angle.cos(), angle.sin()], 1)  # [n, 3]
     m = torch.einsum("nk,kij->nij", coef, basis)[..., None, None]  # [n, 3, 3, 1, 1]: RGB -> RGB
-    return sum(m[:, :, j] * x[:, j : j + 1] for j in range(3)).clamp(0, 1)  # not a K=3 GEMM: slow
+    return sum(m[:, :, j] * x[:, j : j + 1] for j in range(3)).clamp(0, 1)  # (as a GEMM, K=3: slow)
 
 
 def grayscale(x: torch.Tensor, on: torch.Tensor) -> torch.Tensor:  # where on [n] is 1

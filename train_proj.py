@@ -65,7 +65,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-grad", type=float, default=1.0, help="max gradient norm (0: off)")
     p.add_argument("--max-len", type=int, default=256, help="max sequence length, social tokens in")
     # engineering
-    p.add_argument("--lm-dtype", default="auto", choices=("auto", "bfloat16", "float32"))
+    p.add_argument("--lm-dtype", default="auto", choices=("auto", *common.LM_DTYPES))
     p.add_argument("--attn", default="sdpa", help="L's attention: sdpa, eager, flex_attention")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="default: on CUDA")
     p.add_argument("--encode-batch", type=int, default=64, help="frames per V forward when caching")

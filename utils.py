@@ -1,6 +1,7 @@
 """Engineering that two or more stages share and the paper does not describe: loading the frozen
 L (the embedded Gemma's conversion), its cross-entropy kernel, building and running V, words and
-their tags, data readers, and the plumbing (files, checkpoints, distributed, schedules, metrics).
+their tags, data readers, the plumbing (files, checkpoints, distributed, schedules, metrics), and
+the results of evaluate.py and analyze.py (the parts asked for, intervals, tables, figures).
 """
 
 from __future__ import annotations
@@ -324,6 +325,13 @@ def cached_features(V, data_dir, frames, device, batch: int) -> torch.Tensor:
     if dist.is_initialized():
         dist.barrier()
     return torch.from_numpy(np.load(path))
+
+
+def frame_features(encoder, data_dir, device, batch: int = 64) -> torch.Tensor:
+    """v_j of every frame of prep.py's output (float32 [N, D], on the CPU) by the V saved at
+    `encoder`, through cached_features."""
+    V, _ = load_encoder(encoder, device)
+    return cached_features(V, data_dir, open_frames(data_dir), device, batch)
 
 
 # ============ text: words, their times, nouns and verbs ============
@@ -709,17 +717,17 @@ def comma_list(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
-def chosen_parts(what: list[str] | None, needs: dict[str, str], given: dict) -> list[str]:
+def chosen_parts(stage: str, what, needs: dict[str, str], given: dict) -> list[str]:
     """The parts of an evaluation stage to run: --what's (each checked against what it `needs`),
     else those whose inputs are `given`."""
     parts = what or [p for p in needs if given[p]]
     if unknown := [p for p in parts if p not in needs]:
-        raise SystemExit(f"--what: unknown part {unknown[0]!r}; expected {', '.join(needs)}")
+        raise SystemExit(f"{stage}: --what: unknown part {unknown[0]!r}; expected {list(needs)}")
     if lacking := [p for p in parts if not given[p]]:
-        raise SystemExit(f"--what {lacking[0]} needs {needs[lacking[0]]}")
+        raise SystemExit(f"{stage}: --what {lacking[0]} needs {needs[lacking[0]]}")
     if not parts:
-        raise SystemExit(f"nothing to do; the parts need {needs}")
-    print("parts:", *parts, *[f"(no {p}: needs {needs[p]})" for p in needs if not given[p]])
+        raise SystemExit(f"{stage}: nothing to do; the parts need {needs}")
+    print(f"{stage}:", *parts, *[f"(no {p}: needs {needs[p]})" for p in needs if not given[p]])
     return parts
 
 

@@ -41,8 +41,7 @@ def main() -> None:
     args = get_args_parser().parse_args()
     device = torch.device(args.device)
     g, cfg = common.load_projector(args.projector, device)
-    V, _ = utils.load_encoder(cfg["encoder"], device)
-    feats = utils.cached_features(V, args.data, utils.open_frames(args.data), device, 64)
+    feats = utils.frame_features(cfg["encoder"], args.data, device)
     clip_index = utils.clip_frame_index(utils.read_manifest(args.data))
     utts = utils.read_utterances(args.data, args.split)
     turns = cfg["context_turns"] if cfg.get("task") == "next-utterance" else 0

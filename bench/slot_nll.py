@@ -54,8 +54,7 @@ def main() -> None:
     if cfg.get("task", "utterance") != "utterance":
         raise SystemExit(f"{args.projector}: slot NLL reads --task utterance projectors only")
     L, tokenizer = utils.load_lm(cfg["lm"], "cpu", getattr(torch, cfg.get("lm_dtype", "float32")))
-    V, _ = utils.load_encoder(cfg["encoder"], "cpu")
-    feats = utils.cached_features(V, args.data, utils.open_frames(args.data), "cpu", 64)
+    feats = utils.frame_features(cfg["encoder"], args.data, "cpu")
     clip_index = utils.clip_frame_index(utils.read_manifest(args.data))
     utts = utils.read_utterances(args.data, args.split)
     items, _ = common.tokenize_split(utts, tokenizer, clip_index, "utterance", 0, cfg["max_len"])

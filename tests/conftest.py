@@ -1,5 +1,6 @@
 """Shared test fixtures: a small demo data set made by prep.py, small real videos, a tiny
-random Gemma 3."""
+random Gemma 3, and a g trained briefly by train_proj.py on the demo with a word-level tiny L
+(`trained`: what evaluate's and analyze's end-to-end tests read)."""
 
 from __future__ import annotations
 
@@ -37,6 +38,12 @@ def tiny_gemma(vocab_size: int = GEMMA_VOCAB, attn: str = "sdpa", seed: int = 0,
     cfg = Gemma3TextConfig(vocab_size=vocab_size, attn_implementation=attn, **TINY_GEMMA | config)
     torch.manual_seed(seed)
     return Gemma3ForCausalLM(cfg).requires_grad_(False).eval()
+
+
+def small_gemma(vocab: int = 50, softcap: float | None = None, attn: str = "eager", **extra):
+    """tiny_gemma with a small vocabulary, 512 positions and optional final-logit soft-capping."""
+    cap = dict(max_position_embeddings=512, final_logit_softcapping=softcap)
+    return tiny_gemma(vocab, attn, **cap, **extra)
 
 
 def frame_level(k: int) -> int:
@@ -87,7 +94,7 @@ def demo_data(tmp_path_factory) -> Path:
     return out
 
 
-def tiny_lm_dir(data, out):
+def word_level_lm_dir(data, out):
     """A tiny random Gemma 3 with a word-level tokenizer over the demo's words (BOS first,
     character offsets), saved as a local folder that --lm accepts."""
     import re
@@ -113,8 +120,7 @@ def tiny_lm_dir(data, out):
         unk_token="<unk>",
     ).save_pretrained(out)
     ids = {"pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2}
-    tiny_gemma(len(vocab), "sdpa", max_position_embeddings=512, final_logit_softcapping=None,
-               **ids).save_pretrained(out)  # fmt: skip
+    small_gemma(len(vocab), attn="sdpa", **ids).save_pretrained(out)
     return out
 
 
@@ -124,8 +130,8 @@ def trained(demo_data, tmp_path_factory):
     import train_proj
     import utils
 
-    root = tmp_path_factory.mktemp("eval_e2e")
-    lm = tiny_lm_dir(demo_data, root / "lm")
+    root = tmp_path_factory.mktemp("trained_g")
+    lm = word_level_lm_dir(demo_data, root / "lm")
     torch.manual_seed(0)
     overrides = {"depth": 1, "embed_dim": 48, "num_heads": 2}
     V = utils.build_vit(img_size=112, layerscale_init=1.0, **overrides)

@@ -29,9 +29,7 @@ def test_logit_lens_equals_hand_computation():
     there: the hand version runs each sequence alone and takes the last layer from L's logits."""
     from types import SimpleNamespace
 
-    model = conftest.tiny_gemma(
-        50, "eager", max_position_embeddings=512, final_logit_softcapping=3.0
-    )
+    model = conftest.small_gemma(softcap=3.0)
     torch.nn.init.normal_(model.model.norm.weight)  # the final norm must count
     embed = model.get_input_embeddings()
     items = [

@@ -16,23 +16,11 @@ import torch
 import common
 import evaluate as ev
 import utils
-from common import BOS, TEXT, TokenizedUtterance
+from common import BOS, PAD, SOC_G, SOC_L, TEXT, TokenizedUtterance
 from utils import read_utterances
 
 # --------------------------------------------------------------------------------------------
-# Tiny random Gemma 3 (the embedded model's class, a few thousand weights)
-# --------------------------------------------------------------------------------------------
-
-
-def tiny_gemma(vocab: int = 50, softcap: float | None = None, attn: str = "eager", **extra):
-    """The tiny Gemma 3 with a small vocabulary."""
-    return conftest.tiny_gemma(
-        vocab, attn, max_position_embeddings=512, final_logit_softcapping=softcap, **extra
-    )
-
-
-# --------------------------------------------------------------------------------------------
-# Perplexity
+# Perplexity (L: conftest.small_gemma, the embedded model's class with a few thousand weights)
 # --------------------------------------------------------------------------------------------
 
 
@@ -40,7 +28,7 @@ def tiny_gemma(vocab: int = 50, softcap: float | None = None, attn: str = "eager
 def test_run_ppl_equals_hand_computation(softcap):
     """Summed NLL per utterance from run_ppl (insert_social_tokens + token_nll) equals the paper's
     layout built by hand, one unpadded sequence at a time, scored with the model's full logits."""
-    model = tiny_gemma(softcap=softcap)
+    model = conftest.small_gemma(softcap=softcap)
     embed = model.get_input_embeddings()
     items = [  # (ids, score_from, t_p): two content words; none; one at the end with context
         TokenizedUtterance(np.array([2, 7, 9, 11, 4, 30]), 1, np.array([2, 4]), np.zeros(2), "a"),
@@ -245,15 +233,15 @@ def test_steps_take_a_seeded_random_subset_not_the_shortest():
 
 
 def test_attention_shares_sum_to_one_per_query_row():
-    model = tiny_gemma(attn="eager")
+    model = conftest.small_gemma(attn="eager")
     # [BOS, SOC-G, t, t, SOC-L, t, pad, pad] and [BOS, SOC-G, t, SOC-L, t, SOC-L, t, t]
     group = torch.tensor(
         [
-            [BOS, ev.SOC_G, ev.TEXT, ev.TEXT, ev.SOC_L, ev.TEXT, ev.PAD, ev.PAD],
-            [BOS, ev.SOC_G, ev.TEXT, ev.SOC_L, ev.TEXT, ev.SOC_L, ev.TEXT, ev.TEXT],
+            [BOS, SOC_G, TEXT, TEXT, SOC_L, TEXT, PAD, PAD],
+            [BOS, SOC_G, TEXT, SOC_L, TEXT, SOC_L, TEXT, TEXT],
         ]
     )
-    mask = (group != ev.PAD).long()
+    mask = (group != PAD).long()
     torch.manual_seed(1)
     embeds = torch.randn(2, 8, 32)
     with torch.no_grad():
@@ -261,10 +249,10 @@ def test_attention_shares_sum_to_one_per_query_row():
     for a in out.attentions:
         mass = ev.attention_mass(a, group)
         rows = mass.sum(-1)  # [B, H, Q]
-        real = (group != ev.PAD)[:, None, :].expand_as(rows)
+        real = (group != PAD)[:, None, :].expand_as(rows)
         np.testing.assert_allclose(rows[real].numpy(), 1.0, atol=1e-5)
         # causal: the first text query (position 2) cannot see the SOC-L at position 4
-        assert mass[0, :, 2, ev.SOC_L].abs().max() < 1e-7
+        assert mass[0, :, 2, SOC_L].abs().max() < 1e-7
     sums, n_rows = ev.attention_share_sums(out.attentions, group)
     assert n_rows == 7
     np.testing.assert_allclose((sums / n_rows).sum(-1).numpy(), 1.0, atol=1e-5)
@@ -275,11 +263,11 @@ def test_attention_shares_sum_to_one_per_query_row():
 
 def test_top_heads_rank_by_social_share_and_report_excess():
     shares = np.zeros((2, 3, 4))
-    shares[..., ev.TEXT] = 1.0
-    shares[1, 2, [ev.SOC_G, ev.SOC_L]] = [0.4, 0.2]
-    shares[0, 1, ev.SOC_G] = 0.3
+    shares[..., TEXT] = 1.0
+    shares[1, 2, [SOC_G, SOC_L]] = [0.4, 0.2]
+    shares[0, 1, SOC_G] = 0.3
     base = np.zeros_like(shares)
-    base[1, 2, ev.SOC_G] = 0.5
+    base[1, 2, SOC_G] = 0.5
     heads = ev.top_heads(shares, base, 2)
     assert [(h["layer"], h["head"]) for h in heads] == [(1, 2), (0, 1)]
     assert heads[0]["social_share"] == pytest.approx(0.6)
@@ -348,7 +336,7 @@ def test_end_to_end_on_the_demo(trained, tmp_path):
         shares = np.array(att["conditions"][c]["per_layer_head"])
         assert shares.shape == (2, 2, 4)
         np.testing.assert_allclose(shares.sum(-1), 1.0, atol=1e-5)
-        assert shares[..., ev.SOC_G].min() > 0
+        assert shares[..., SOC_G].min() > 0
     assert len(att["top_heads"]) == 4 and "[SOC-G]" in att["example"]["tokens"]
 
     summary = (ev_dir / "summary.md").read_text()

@@ -400,7 +400,7 @@ def train_dino(args: argparse.Namespace) -> dict:
         teacher.load_state_dict(state["teacher"])
         opt.load_state_dict(state["optimizer"])
         center, start = state["center"].to(device), state["step"]
-    elif utils.is_main():  # V before DINO: the control of evaluate's probe
+    elif utils.is_main():  # V before DINO: the control of analyze's probe
         utils.export_encoder(teacher.backbone, out, {**export_config(args), "steps": 0}, "start")
     utils.print0(f"train_dino: {len(batches.ids)} frames, global batch {args.batch_size} = {world} "
                   f"x {batches.batch}, {spe} steps/epoch, steps {start}->{total}")  # fmt: skip

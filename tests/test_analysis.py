@@ -399,3 +399,27 @@ def test_encoder_probe_reads_planted_features(tmp_path):
     assert frames == {"train": 192, "test": 48}
     assert acc["action"] > 0.9 and acc["target"] == chance["target"] == 1.0
     assert abs(acc["actor"] - 0.5) < 0.2 and chance["actor"] < 0.7
+
+
+def test_parts_without_L_do_not_load_it(trained, tmp_path, monkeypatch):
+    """--what encoder_probe,compare reads V and g only: L is never loaded."""
+    data, proj, _ = trained
+
+    def no_lm(*args, **kwargs):
+        raise AssertionError("L was loaded")
+
+    monkeypatch.setattr(utils, "load_lm", no_lm)
+    args = [
+        "--data",
+        str(data),
+        "--projector",
+        str(proj),
+        "--out",
+        str(tmp_path),
+        "--split",
+        "test",
+    ]
+    an.main([*args, "--what", "encoder_probe,compare", "--compare", str(proj), "--device", "cpu"])
+    pair = json.loads((tmp_path / "analysis" / "compare.json").read_text())
+    assert pair["cosine"]["median"] == pytest.approx(1.0, abs=1e-5)
+    assert "fine_tuned" in json.loads((tmp_path / "analysis" / "encoder_probe.json").read_text())

@@ -433,6 +433,13 @@ def test_controls_use_the_trained_layout_end_to_end(trained, tmp_path):
     assert ppl["utterances"] == 6 == ppl["conditions"]["none"]["utterances"] and ppl["steps"] == 2
 
 
+def test_an_L_of_another_width_is_refused_naming_g_file(trained):
+    _, _, lm = trained
+    cfg = {"out_dim": 7, "file": "g/projector.json"}
+    with pytest.raises(ValueError, match=r"g/projector.json: g's out_dim 7, .*'s width 32"):
+        common.load_trained_lm(cfg, str(lm), device="cpu")
+
+
 def test_L_is_loaded_in_the_dtype_g_was_trained_against(trained, tmp_path, monkeypatch):
     """projector.json's lm_dtype picks L's dtype (bfloat16 even on the CPU), --lm-dtype overrides
     it, and ppl.json records it; without the field, load_lm's default (float32 on the CPU)."""

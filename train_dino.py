@@ -67,6 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--freeze-blocks", type=int, default=0, help="freeze patch embed + first K blocks")
     add("--compile", action="store_true", help="torch.compile networks, crops, loss")
     add("--fp8", action="store_true", help="float8 matmuls in V (torchao; widths: multiples of 16)")
+    add("--bf16-stream", action="store_true", help="V's residual stream in bf16 on GPUs (DINOv2's)")
     # optimisation
     add("--lr", type=float, default=5e-4, help="peak LR per 256 frames (scaled)")
     add("--min-lr", type=float, default=1e-6, help="LR at the end of the cosine")
@@ -177,10 +178,9 @@ def clip_gradients(params: list[torch.Tensor], clip: float) -> None:
 
 
 def schedules(args, total: int, steps_per_epoch: int, device) -> dict:
-    """DINO's, one value per step: LR (peak --lr x global batch / 256) and weight decay, momentum
-    to 1, teacher temperature (on the device), last layer frozen. A run shorter than DINO's 100
-    epochs scales warm-ups and freeze to its length and starts the momentum low enough that the
-    teacher leaves its start (EMA_HORIZON)."""
+    """DINO's, one value per step: LR (peak --lr x global batch / 256), weight decay, momentum to
+    1, teacher temperature (on the device), last layer frozen. A run shorter than DINO's 100 epochs
+    scales warm-ups and freeze to it and starts the momentum low enough to move (EMA_HORIZON)."""
 
     def in_steps(epochs: float) -> int:  # a run shorter than DINO's keeps the fraction
         return min(total, round(epochs * steps_per_epoch), round(epochs / PAPER_EPOCHS * total))
@@ -213,7 +213,7 @@ def build_networks(args: argparse.Namespace) -> tuple[MultiCropNet, MultiCropNet
     layerscale = None if args.init else args.layerscale_init  # --init: the file's LayerScale
     V = utils.build_vit(args.arch, pretrained=args.pretrained, layerscale_init=layerscale,
                          img_size=args.global_size, drop_path_rate=args.drop_path,
-                         **vit_overrides(args))  # fmt: skip
+                         bf16_stream=args.bf16_stream, **vit_overrides(args))  # fmt: skip
     if args.init:
         load_vit_weights(V, args.init)
     if args.freeze_blocks > 0:  # patch embedding, [CLS], register and position tokens, K blocks

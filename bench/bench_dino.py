@@ -64,6 +64,9 @@ def parse_args() -> argparse.Namespace:
         action="store_true",
         help="run the multi-crop (train_dino.render_views) eagerly, even under --compile",
     )
+    p.add_argument(
+        "--bf16-stream", action="store_true", help="train_dino's --bf16-stream: V's stream in bf16"
+    )
     p.add_argument("--profile", action="store_true", help="profile a few steps of the gpu path")
     p.add_argument("--device", default=None, help="cpu for a smoke test; default cuda")
     p.add_argument("--global-size", type=int, default=224, help="global crop side")
@@ -162,6 +165,8 @@ def dino_args(b, arch: str, data: Path, compile_: bool, world: int) -> argparse.
         flags += ["--depth", str(b.depth)]
     if compile_:
         flags.append("--compile")
+    if b.bf16_stream:
+        flags.append("--bf16-stream")
     if b.device:
         flags += ["--device", b.device]
     return train_dino.parse_args(flags)

@@ -200,6 +200,28 @@ def test_patch_matmul_is_the_patch_convolution():
     torch.testing.assert_close(proj(x), F.conv2d(x, proj.weight, proj.bias, stride=14))
 
 
+def test_bf16_stream_changes_only_the_autocast_stream(tiny_data, tmp_path):
+    """--bf16-stream: student and teacher (a deep copy) carry bf16 tokens between V's blocks under
+    autocast, close to the float32 stream; without autocast V is exactly V, same state dict."""
+    torch.manual_seed(0)
+    plain, _ = train_dino.build_networks(args_for(tiny_data, tmp_path))
+    torch.manual_seed(0)
+    nets = train_dino.build_networks(args_for(tiny_data, tmp_path, "--bf16-stream"))
+    V0, x, dtypes = plain.backbone.eval(), torch.randn(2, 3, 56, 98), []
+    assert nets[0].state_dict().keys() == plain.state_dict().keys()
+    for V in (net.backbone.eval() for net in nets):
+        for block in V.blocks:  # what each block reads
+            block.register_forward_pre_hook(lambda m, a: dtypes.append(a[0].dtype))
+        assert torch.equal(V(x), V0(x)) and set(dtypes) == {torch.float32}
+        dtypes.clear()
+        with torch.autocast("cpu", torch.bfloat16):
+            ours, theirs = V(x), V0(x)
+        assert dtypes == [torch.bfloat16] * len(V.blocks)
+        assert F.cosine_similarity(ours.float(), theirs.float()).min() > 0.99
+        assert not torch.equal(ours.float(), theirs.float())  # the stream did change
+        dtypes.clear()
+
+
 def test_run_vit_sends_short_gpu_images_to_the_memory_efficient_kernel(monkeypatch):
     """run_vit is V(x) on the CPU; on a GPU, images of under 128 patches run inside sdpa_kernel
     with the memory-efficient kernel first (SDPA's others after it), longer ones as they are."""

@@ -178,9 +178,9 @@ def clip_gradients(params: list[torch.Tensor], clip: float) -> None:
 
 
 def schedules(args, total: int, steps_per_epoch: int, device) -> dict:
-    """DINO's, one value per step: LR (peak --lr x global batch / 256), weight decay, momentum to
-    1, teacher temperature (on the device), last layer frozen. A run shorter than DINO's 100 epochs
-    scales warm-ups and freeze to it and starts the momentum low enough to move (EMA_HORIZON)."""
+    """DINO's, one value per step: LR (peak --lr x global batch / 256), weight decay, momentum to 1,
+    teacher temperature (on the device), last layer frozen. A run shorter than DINO's 100 epochs
+    keeps warm-ups and freeze as fractions and starts the teacher momentum low (EMA_HORIZON)."""
 
     def in_steps(epochs: float) -> int:  # a run shorter than DINO's keeps the fraction
         return min(total, round(epochs * steps_per_epoch), round(epochs / PAPER_EPOCHS * total))
@@ -213,7 +213,7 @@ def build_networks(args: argparse.Namespace) -> tuple[MultiCropNet, MultiCropNet
     layerscale = None if args.init else args.layerscale_init  # --init: the file's LayerScale
     V = utils.build_vit(args.arch, pretrained=args.pretrained, layerscale_init=layerscale,
                          img_size=args.global_size, drop_path_rate=args.drop_path,
-                         bf16_stream=args.bf16_stream, **vit_overrides(args))  # fmt: skip
+                         half_stream=args.bf16_stream, **vit_overrides(args))  # fmt: skip
     if args.init:
         load_vit_weights(V, args.init)
     if args.freeze_blocks > 0:  # patch embedding, [CLS], register and position tokens, K blocks

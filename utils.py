@@ -191,9 +191,9 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def build_vit(arch=DEFAULT_ARCH, pretrained=False, layerscale_init=LAYERSCALE_INIT, img_size=224,
-              bf16_stream=False, **over):  # fmt: skip
+              half_stream=False, **over):  # fmt: skip
     """V: a timm ViT returning the [CLS] embedding of any image size. From random weights every
-    LayerScale gamma starts at `layerscale_init` (None: timm's); `bf16_stream`: stream_in_bf16(V);
+    LayerScale gamma starts at `layerscale_init` (None: timm's); `half_stream`: autocast_stream(V);
     `over` goes to timm."""
     import timm
 
@@ -205,7 +205,7 @@ def build_vit(arch=DEFAULT_ARCH, pretrained=False, layerscale_init=LAYERSCALE_IN
                 if name.endswith(".gamma"):
                     p.fill_(layerscale_init)
     V.patch_embed.proj = PatchMatmul(V.patch_embed.proj)  # same Parameters, same state dict
-    return stream_in_bf16(V) if bf16_stream else V
+    return autocast_stream(V) if half_stream else V
 
 
 class PatchMatmul(torch.nn.Module):
@@ -243,20 +243,21 @@ def run_vit(V: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         return V(x)
 
 
-def stream_in_bf16(V: torch.nn.Module) -> torch.nn.Module:
-    """V's residual stream in bf16 under autocast, as DINOv2's half-precision blocks: the tokens
-    enter the blocks in bf16 and each LayerScale returns its input's dtype. Parameters, LayerNorm
-    statistics and the final norm stay float32; without autocast V is unchanged. On an H200 a
-    ViT-B/14 DINO step is about 4% faster (bench/RESULTS_dino.md)."""
+def autocast_stream(V: torch.nn.Module) -> torch.nn.Module:
+    """Under autocast, V's residual stream in autocast's dtype, as DINOv2's half-precision blocks:
+    each block reads its tokens in it, each LayerScale returns its input's dtype. Parameters stay
+    float32 (on GPUs, LayerNorm computes in float32); without autocast V is unchanged."""
     from timm.layers import LayerScale
 
-    def enter(blocks, args):  # under autocast only: a float32 forward stays the same
-        if torch.is_autocast_enabled(args[0].device.type):
-            return (args[0].to(torch.bfloat16), *args[1:])
+    def enter(block, args):  # on each block: timm's checkpointed and one-by-one loops cast too
+        device = args[0].device.type
+        if torch.is_autocast_enabled(device):
+            return (args[0].to(torch.get_autocast_dtype(device)), *args[1:])
 
-    V.blocks.register_forward_pre_hook(enter)
+    for block in V.blocks:
+        block.register_forward_pre_hook(enter)
     for m in V.modules():
-        if isinstance(m, LayerScale):  # bf16 tokens times float32 γ would be float32 again
+        if isinstance(m, LayerScale):  # half-precision tokens times float32 γ would be float32
             m.register_forward_hook(lambda m, args, out: out.to(args[0].dtype))
     return V
 

@@ -201,24 +201,27 @@ def test_patch_matmul_is_the_patch_convolution():
 
 
 def test_bf16_stream_changes_only_the_autocast_stream(tiny_data, tmp_path):
-    """--bf16-stream: student and teacher (a deep copy) carry bf16 tokens between V's blocks under
-    autocast, close to the float32 stream; without autocast V is exactly V, same state dict."""
+    """--bf16-stream: student and teacher (a deep copy) carry bf16 tokens into every block under
+    autocast, checkpointed too, close to the float32 stream; without autocast V is V, same weights."""
     torch.manual_seed(0)
     plain, _ = train_dino.build_networks(args_for(tiny_data, tmp_path))
     torch.manual_seed(0)
     nets = train_dino.build_networks(args_for(tiny_data, tmp_path, "--bf16-stream"))
     V0, x, dtypes = plain.backbone.eval(), torch.randn(2, 3, 56, 98), []
-    assert nets[0].state_dict().keys() == plain.state_dict().keys()
+    ours, theirs = nets[0].state_dict(), plain.state_dict()
+    assert ours.keys() == theirs.keys() and all(ours[k].equal(theirs[k]) for k in ours)
     for V in (net.backbone.eval() for net in nets):
         for block in V.blocks:  # what each block reads
             block.register_forward_pre_hook(lambda m, a: dtypes.append(a[0].dtype))
         assert torch.equal(V(x), V0(x)) and set(dtypes) == {torch.float32}
-        dtypes.clear()
-        with torch.autocast("cpu", torch.bfloat16):
-            ours, theirs = V(x), V0(x)
-        assert dtypes == [torch.bfloat16] * len(V.blocks)
-        assert F.cosine_similarity(ours.float(), theirs.float()).min() > 0.99
-        assert not torch.equal(ours.float(), theirs.float())  # the stream did change
+        for checkpointed in (False, True):  # timm's checkpoint_seq calls the blocks one by one
+            V.set_grad_checkpointing(checkpointed)
+            dtypes.clear()
+            with torch.autocast("cpu", torch.bfloat16):
+                ours, theirs = V(x), V0(x)
+            assert dtypes == [torch.bfloat16] * len(V.blocks)
+            assert F.cosine_similarity(ours.float(), theirs.float()).min() > 0.99
+            assert not torch.equal(ours.float(), theirs.float())  # the stream did change
         dtypes.clear()
 
 
